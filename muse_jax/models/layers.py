@@ -1,0 +1,45 @@
+"""Shared building blocks: the one attention implementation and the logical axis names.
+
+Logical axis names used on parameters and activations (mapped to mesh axes by the rules
+in the config, see `muse_jax/training/partitioning.py`):
+  batch, length, kv_length   activations
+  embed                      model width (and text width)
+  heads, kv                  attention heads and per-head dimension
+  mlp                        feed-forward hidden width
+  vocab                      token vocabulary / codebook
+  conv_in, conv_out          convolution channels (VQGAN, discriminator)
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """Softmax attention in heads-major layout.
+
+    q: [b, h, lq, d], k and v: [b, h, lk, d]; bias broadcastable to [b, h, lq, lk]
+    (e.g. T5's relative position bias); mask broadcastable to [b, h, lq, lk], True where
+    attending is allowed. scale defaults to 1/sqrt(d); T5 uses scale=1.0.
+    Logits and softmax are computed in float32 whatever the input dtype.
+    Returns [b, h, lq, d] in q's dtype.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if scale != 1.0:
+        logits = logits * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v)

@@ -1,0 +1,62 @@
+"""muse_jax: a JAX/Flax reimplementation of Muse (Chang et al. 2023, arXiv 2301.00704).
+
+Pins: every version below was installed and run together on the project's machine kind
+(Python 3.11, 2-core CPU, no GPU) on 2026-11-26. jax/jaxlib 0.10.2 and flax 0.12.8 are the
+newest releases the package registry serves here; the rest are the versions pip resolved
+alongside them and that the test suite exercises.
+"""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    # Core numerics. jaxlib must equal jax; flax 0.12.8 is the release built against jax 0.10.
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    # Checkpointing: 0.12.8 saves/restores sharded arrays plus grain iterator state
+    # (CheckpointManager with Composite args), seen working with jax 0.10.2.
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    # Text: sentencepiece trains the shapes vocabulary in-process and reads T5's .model.
+    "sentencepiece==0.2.3",
+    # clu: only clu.metrics and clu.parameter_overview are used; clu.metric_writers and
+    # clu.periodic_actions import TensorFlow, which is not a dependency.
+    "clu==0.0.12",
+    # Data: tfds builds and reads array_record without TensorFlow when images are PIL;
+    # grain reads them with shuffling, sharding and checkpointable iterators.
+    "tensorflow-datasets==4.9.10",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "numpy==2.4.6",
+    "pillow==13.0.0",
+    # TensorBoard event files without TensorFlow (works with protobuf 7).
+    "tensorboardX==2.6.5",
+    "protobuf==7.36.2",
+    "tqdm==4.70.1",
+    "matplotlib==3.11.2",
+]
+
+EXTRAS_REQUIRE = {
+    "test": [
+        "pytest==9.2.0",
+        # Parity tests against PyTorch reference implementations only. torch must be pinned:
+        # 2.13.0 is the CPU build on this machine's disk; an unpinned torch pulls a
+        # multi-GB CUDA build.
+        "torch==2.13.0",
+        "transformers==5.23.0",  # T5EncoderModel for the T5 parity test.
+        "diffusers==0.42.1",  # VQModel for the VQGAN parity test.
+        "safetensors==0.8.0",
+    ],
+}
+
+setup(
+    name="muse_jax",
+    version="0.1.0",
+    description="Muse (masked generative transformers for text-to-image) in JAX/Flax",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["muse_jax", "muse_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["muse-jax=muse_jax.cli:main"]},
+)
