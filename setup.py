@@ -27,6 +27,8 @@ INSTALL_REQUIRES = [
     # grain reads them with shuffling, sharding and checkpointable iterators.
     "tensorflow-datasets==4.9.10",
     "grain==0.2.18",
+    # tfds 4.9.10 imports it lazily to locate builder code; not pulled in by tfds itself.
+    "importlib-resources==7.1.0",
     "array-record==0.8.6",
     "numpy==2.4.6",
     "pillow==13.0.0",

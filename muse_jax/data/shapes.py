@@ -110,6 +110,7 @@ class Scene:
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+    pair_allowed("red", "circle", split)  # validates the split name
     return np.random.default_rng([int(seed), SPLITS[split], int(index), SPEC_VERSION])
 
 
@@ -219,14 +220,18 @@ def _shape_mask(obj: Obj, coords: np.ndarray) -> np.ndarray:
 
 def render(scene: Scene) -> np.ndarray:
     """Renders a scene to a [64, 64, 3] uint8 image (4x supersampled, area-downsampled)."""
-    n = IMAGE_SIZE * SUPERSAMPLE
-    centres = (np.arange(n) + 0.5) / SUPERSAMPLE
-    coords = np.stack(np.meshgrid(centres, centres, indexing="xy"))
+    n, k = IMAGE_SIZE * SUPERSAMPLE, SUPERSAMPLE
     canvas = np.empty((n, n, 3), np.float32)
     canvas[:] = BACKGROUNDS[scene.background]
     for obj in scene.objects:
-        canvas[_shape_mask(obj, coords)] = COLORS[obj.color]
-    small = canvas.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE, 3).mean((1, 3))
+        # Only the subpixels of the object's bounding box can be covered.
+        h = SIZES[obj.size] / 2
+        x0, x1 = (int(np.clip(np.floor(v * k), 0, n)) for v in (obj.cx - h, obj.cx + h + 1))
+        y0, y1 = (int(np.clip(np.floor(v * k), 0, n)) for v in (obj.cy - h, obj.cy + h + 1))
+        xs, ys = (np.arange(x0, x1) + 0.5) / k, (np.arange(y0, y1) + 0.5) / k
+        coords = np.stack(np.meshgrid(xs, ys, indexing="xy"))
+        canvas[y0:y1, x0:x1][_shape_mask(obj, coords)] = COLORS[obj.color]
+    small = canvas.reshape(IMAGE_SIZE, k, IMAGE_SIZE, k, 3).mean((1, 3))
     return np.round(small).astype(np.uint8)
 
 

@@ -1,0 +1,33 @@
+"""Configs load by name or path, accept typed overrides, and refuse bad ones clearly."""
+import pytest
+
+from muse_jax import config as config_lib
+
+
+def test_named_config_and_overrides():
+    cfg = config_lib.load_config("shapes", ["--config.data.batch_size=64", "--config.data.source=procedural"])
+    assert cfg.data.batch_size == 64 and cfg.data.source == "procedural"
+    assert config_lib.load_config("configs/shapes.py").data.batch_size == 32
+
+
+def test_unknown_field_is_refused():
+    with pytest.raises(ValueError, match="no field"):
+        config_lib.load_config("shapes", ["--config.data.bogus=1"])
+
+
+def test_wrong_type_is_refused():
+    with pytest.raises(ValueError, match="batch_size"):
+        config_lib.load_config("shapes", ["--config.data.batch_size=abc"])
+
+
+def test_unknown_config_and_stray_arguments_are_refused():
+    with pytest.raises(FileNotFoundError, match="named configs"):
+        config_lib.load_config("nope")
+    with pytest.raises(ValueError, match="overrides look like"):
+        config_lib.load_config("shapes", ["--batch_size=3"])
+
+
+def test_config_is_locked():
+    cfg = config_lib.load_config("shapes")
+    with pytest.raises(AttributeError):
+        cfg.data.batchsize = 3
