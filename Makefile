@@ -18,6 +18,9 @@ $(VENV)/.installed: setup.py | $(BIN)/python
 
 $(VENV)/.installed-test: setup.py | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# pytorch-fid (reference for the InceptionV3 parity test) without its dependencies: they
+	# would replace the pinned CPU torch with a CUDA build and add torchvision.
+	$(BIN)/python -m pip install -q --no-deps pytorch-fid==0.3.0
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed

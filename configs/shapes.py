@@ -27,4 +27,165 @@ def get_config(arg=None):
     config.mesh.data = -1
     config.mesh.fsdp = 1
     config.mesh.tensor = 1
+    # Logical-axis rules (muse_jax/training/partitioning.py): logical name -> mesh axis (or
+    # a tuple of axes, or None = replicated). DP/FSDP/TP are changes of config.mesh only.
+    config.partitioning = ml_collections.ConfigDict()
+    config.partitioning.rules = (
+        ("batch", ("data", "fsdp")),
+        ("length", None),
+        ("kv_length", None),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv", None),
+        ("vocab", "tensor"),
+        ("conv_in", None),
+        ("conv_out", "tensor"),
+    )
+
+    # Multi-process start-up (muse_jax/distributed.py; launch/*). cluster: "auto" (explicit values
+    # or MUSE_* env, else SLURM with >1 task, else a Cloud TPU pod, else one process), "explicit",
+    # "slurm", "tpu" or "none". Unset: coordinator_address "", num_processes 0, process_id -1.
+    d = config.distributed = ml_collections.ConfigDict()
+    d.cluster = "auto"
+    d.coordinator_address = ""  # "host:port" of process 0
+    d.num_processes = 0
+    d.process_id = -1
+    d.local_device_ids = ""  # e.g. "0,1"; "" = all local devices (one per process under SLURM GPU)
+    d.initialization_timeout_s = 300  # wait this long for all processes to join
+    d.heartbeat_timeout_s = 100  # a silent peer is declared dead (all others abort) after this
+    d.shutdown_timeout_s = 300
+    d.step_timeout_s = 0  # watchdog: exit if no train step completes for this long (0 = off)
+
+    # VQGAN tokenizer (muse_jax/models/vqgan.py): 64x64 -> 16x16 tokens (f4 = 3 widths).
+    config.vqgan = ml_collections.ConfigDict()
+    config.vqgan.channels = (16, 32, 32)
+    config.vqgan.num_res_blocks = 1
+    config.vqgan.latent_channels = 16
+    config.vqgan.code_dim = 16
+    config.vqgan.codebook_size = 512
+    config.vqgan.norm_groups = 4
+    config.vqgan.beta = 0.25
+    config.vqgan.l2_normalize = True
+    config.vqgan.downsample = "conv"
+    config.vqgan.mid_attention = False
+    config.vqgan.quant_conv = False
+    config.vqgan.dtype = "float32"
+
+    # Tokenizer training (muse_jax/training/train_tokenizer.py).
+    t = config.train_tokenizer = ml_collections.ConfigDict()
+    t.num_steps = 2000
+    t.batch_size = 8
+    t.image_size = 64
+    t.lr = 2e-3
+    t.disc_lr = 2e-4
+    t.warmup_steps = 100
+    t.end_lr_fraction = 0.05
+    t.b1, t.b2, t.weight_decay, t.grad_clip = 0.9, 0.99, 0.0, 1.0
+    t.reconstruction_loss = "l2"  # "l1" or "l2"
+    t.rec_weight = 1.0
+    # Codebook safeguards: dead-code restarts (plus config.vqgan.l2_normalize).
+    t.restart_dead_codes = True
+    t.usage_decay = 0.99
+    t.dead_code_fraction = 0.03  # dead: usage EMA < fraction / codebook_size
+    t.restart_every = 50
+    t.restart_until = 1500
+    # Adversarial loss (off when adversarial_weight == 0): patch discriminator.
+    t.adversarial_weight = 0.0
+    t.adversarial_loss = "hinge"  # or "non_saturating"
+    t.disc_start = 1000
+    t.disc_channels, t.disc_layers, t.disc_norm_groups = 64, 3, 32
+    t.r1_weight = 0.0
+    t.lecam_weight = 0.0
+    t.lecam_decay = 0.99
+    # Perceptual loss (off when 0): VGG16 weights from a user-supplied .npz, never downloaded.
+    t.perceptual_weight = 0.0
+    t.perceptual_weights_path = ""
+    t.log_every = 50
+    t.checkpoint_every = 500
+    t.keep_checkpoints = 2
+    t.eval_batch_size = 100
+    t.eval_max_batches = 0  # 0: the whole test split
+
+    # Text conditioning (muse_jax/text.py, muse_jax/models/t5.py): no pretrained T5 can be
+    # downloaded here, so a small T5 v1.1-style encoder is trained from scratch with a
+    # sentencepiece vocabulary trained on the captions (stored as W/text/spm.model).
+    # For a pretrained frozen T5, use configs/t5.py's section instead.
+    config.text = ml_collections.ConfigDict()
+    config.text.vocab_size = 256  # sentencepiece (soft limit; 256 pieces on shapes captions)
+    config.text.spm_model_type = "bpe"  # unigram keeps ~62 pieces here and splits words into letters
+    config.text.spm_model = ""  # "" = train on the captions into W/text/spm.model
+    # Longest caption measured on 5000 train captions: 19 pieces + EOS = 20 tokens.
+    config.text.max_length = 32
+    config.text.checkpoint = ""  # "" = random init; or a Hugging Face T5 checkpoint (load_hf)
+    config.text.trainable = True  # trained with the transformer; False: frozen + embedding cache
+    config.text.cache_dtype = "float32"  # cached embeddings when frozen (data/text_cache.py)
+    config.text.encoder = ml_collections.ConfigDict(dict(  # muse_jax.models.t5.T5Config fields
+        vocab_size=256, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
+        dtype="float32", param_dtype="float32"))
+
+    # Masked transformers (muse_jax/models/transformer.py; fields of TransformerConfig).
+    # Text: each stage trains its own copy of the small T5 above jointly (config.text.trainable),
+    # so the two stages are independent; with trainable=False both read cached frozen embeddings.
+    # Base: 32x32 px (the 64x64 image area-downsampled by 2) -> 8x8 tokens.
+    config.base = ml_collections.ConfigDict(dict(
+        codebook_size=512, grid_size=8, num_layers=4, width=128, mlp_dim=512, num_heads=4,
+        text_dim=128, dropout_rate=0.0, attention_dropout_rate=0.0, layer_norm_epsilon=1e-6,
+        dtype="float32", remat=False, lowres_grid_size=0, num_lowres_layers=0))
+    # Super-res: 8x8 base tokens -> 16x16 tokens of the 64x64 image.
+    config.superres = ml_collections.ConfigDict(dict(
+        codebook_size=512, grid_size=16, num_layers=4, width=128, mlp_dim=512, num_heads=4,
+        text_dim=128, dropout_rate=0.0, attention_dropout_rate=0.0, layer_norm_epsilon=1e-6,
+        dtype="float32", remat=False, lowres_grid_size=8, num_lowres_layers=2))
+
+    # Transformer training (muse_jax/training/{step,loop}.py), shared by both stages.
+    t = config.train = ml_collections.ConfigDict()
+    t.num_steps = 2000
+    t.batch_size = 64  # global; must divide over the mesh's data*fsdp axes
+    t.optimizer = "adamw"  # or "adafactor"
+    t.lr = 1e-3  # the paper's 1e-4 is for its 632M/3B models; tiny models take a larger step
+    t.b1, t.b2, t.weight_decay = 0.9, 0.96, 0.045  # the paper's AdamW
+    t.warmup_steps = 100
+    t.end_lr_fraction = 0.1  # cosine decay to lr * this at num_steps
+    t.grad_clip = 1.0
+    t.label_smoothing = 0.1
+    t.mask_schedule = "cosine"  # training mask rates ~ truncated arccos
+    t.text_drop_rate = 0.1  # captions replaced by the empty prompt (classifier-free guidance)
+    t.ema_decay = 0.0  # > 0 keeps EMA weights (used for sampling)
+    t.log_every = 50
+    t.checkpoint_every = 500
+    t.keep_checkpoints = 2
+    t.sample_every = 1000
+    t.num_samples = 8
+    t.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device kind (none for CPU)
+    t.compilation_cache_dir = "{workdir}/cache/jax"  # persistent XLA cache ("" = off)
+    # Per-stage overrides of config.train: super-res steps see 256 tokens per image (4x base).
+    config.train_base = ml_collections.ConfigDict()
+    config.train_superres = ml_collections.ConfigDict(dict(batch_size=16, num_steps=1000))
+
+    # Sampling and editing (muse_jax/sampling.py, editing.py, pipeline.py; `muse-jax sample|edit`).
+    # Muse uses 24 base / 8 super-res steps for 256 / 4096 tokens; 8x8 base tokens need fewer.
+    s = config.sample = ml_collections.ConfigDict()
+    s.steps = 12  # base decoding steps
+    s.sr_steps = 8  # super-resolution decoding steps
+    s.guidance = 3.0  # classifier-free guidance g: logits = (1 + g) cond - g uncond
+    s.guidance_schedule = "constant"  # or "linear": g ramps up from 0 over the steps (Muse 2.7)
+    s.choice_temperature = 4.5  # Gumbel noise on confidences, annealed to 0 (MaskGIT)
+    s.temperature = 1.0  # sampling temperature on the logits
+    s.top_k = 0  # 0: sample from the whole codebook
+    s.schedule = "cosine"  # mask schedule (muse_jax.masking.SCHEDULES)
+    s.negative_prompt = ""  # the unconditional branch's prompt
+    s.batch_size = 16  # images per compiled program (padded; sharded over data*fsdp)
+    s.edit_iterations = 12  # mask-free editing: re-sampling iterations per scale
+    s.edit_fraction = 0.08  # mask-free editing: least confident share re-sampled per iteration
+    s.edit_choice_temperature = 1.0  # mask-free editing: Gumbel noise on confidences, annealed
+
+    # The quickstart's evaluation (muse_jax/quickstart.py -> `muse-jax eval`).
+    q = config.quickstart = ml_collections.ConfigDict()
+    q.eval_prompts = 200  # test-split prompts, equally over the four groups
+    q.sweep_steps = (4, 8, 12, 24)  # base decoding steps swept (time per image beside each)
+    q.sweep_guidance = (0.0, 1.0, 3.0, 5.0)
+    q.sweep_prompts = 48
     return config

@@ -17,10 +17,129 @@ def _data_shapes(args, overrides):
     print(f"wrote {args.num} {args.split} images and captions.jsonl to {out}")
 
 
+def _eval(args, overrides):
+    from muse_jax.evaluation import run as eval_run
+
+    floats = lambda text: [float(v) for v in text.split(",") if v] if text else []
+    eval_run.run(
+        args.workdir, args.out, num_prompts=args.num_prompts, seed=args.seed, steps=args.steps,
+        sr_steps=args.sr_steps, guidance=args.guidance,
+        sweep_steps=[int(v) for v in floats(args.sweep_steps)], sweep_guidance=floats(args.sweep_guidance),
+        sweep_prompts=args.sweep_prompts, inception_path=args.inception,
+    )
+
+
 def _quickstart(args, overrides):
     from muse_jax import quickstart
 
     quickstart.run(args.workdir, args.config, overrides)
+
+
+def _train_tokenizer(args, overrides):
+    from muse_jax import config as config_lib
+    from muse_jax.training import train_tokenizer
+
+    cfg = config_lib.load_config(args.config, overrides)
+    result = train_tokenizer.train(cfg, args.workdir)
+    print(
+        f"tokenizer eval on {result['num_images']} test images: psnr={result['psnr']:.2f} dB "
+        f"usage={result['usage']:.1%} perplexity={result['perplexity']:.1f} "
+        f"palette_acc={result['palette_acc']:.4f} ({result['train_seconds']:.0f}s training)"
+    )
+
+
+def _train(args, overrides):
+    from muse_jax import config as config_lib
+    from muse_jax.training import loop
+
+    cfg = config_lib.load_config(args.config, overrides)
+    from muse_jax import distributed
+
+    distributed.initialize(cfg)  # multi-host: config.distributed / MUSE_* / SLURM / TPU pod (no-op alone)
+    stages = loop.STAGES if args.stage == "all" else (args.stage,)
+    loop.train(cfg, args.workdir, stages)
+
+
+def _reconstruct(args, overrides):
+    from muse_jax.training import train_tokenizer
+
+    psnrs = train_tokenizer.reconstruct_folder(args.workdir, getattr(args, "in"), args.out)
+    for name, value in psnrs.items():
+        print(f"{name}: psnr={value:.2f} dB")
+    print(f"mean psnr over {len(psnrs)} images: {sum(psnrs.values()) / len(psnrs):.2f} dB -> {args.out}")
+
+
+def _sampling_overrides(args) -> dict:
+    return dict(steps=args.steps, sr_steps=args.sr_steps, guidance=args.guidance,
+                guidance_schedule=args.guidance_schedule, negative_prompt=args.negative_prompt,
+                temperature=args.temperature, top_k=args.top_k, choice_temperature=args.choice_temperature)
+
+
+def _sample(args, overrides):
+    from muse_jax import pipeline
+
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise ValueError("give exactly one of --prompt and --prompts-file")
+    if args.num < 1:
+        raise ValueError(f"--num must be positive, got {args.num}")
+    if args.out is None and args.out_dir is None:
+        raise ValueError("give --out (a grid PNG) or --out-dir (one PNG per sample)")
+    prompts = [args.prompt] if args.prompt is not None else pipeline.read_prompts_file(args.prompts_file)
+    pipe = pipeline.Pipeline.from_workdir(args.workdir)
+    written = pipeline.sample_to_files(pipe, prompts, num=args.num, seed=args.seed, out=args.out,
+                                       out_dir=args.out_dir, **_sampling_overrides(args))
+    print(f"wrote {len(written)} file(s): {written[0]}{' ...' if len(written) > 1 else ''}")
+
+
+def _edit(args, overrides):
+    from muse_jax import pipeline
+
+    pipe = pipeline.Pipeline.from_workdir(args.workdir)
+    image = pipeline.load_image(args.image, pipe.image_size)
+    kw = dict(_sampling_overrides(args), edit_iterations=args.iterations, edit_fraction=args.fraction)
+    if args.mask is not None:
+        mask = pipeline.load_mask(args.mask, args.image, pipe.image_size)
+        out = pipe.inpaint(image, mask, [args.prompt], seed=args.seed, **kw)
+    else:
+        out = pipe.edit(image, [args.prompt], seed=args.seed, **kw)
+    print(f"wrote {pipeline.save_png(out[0], args.out)}")
+
+
+def _add_sampling_args(p):
+    p.add_argument("--workdir", required=True, help="a workdir with a trained tokenizer and stages")
+    p.add_argument("--steps", type=int, help="base decoding steps (default: config.sample.steps)")
+    p.add_argument("--sr-steps", type=int, help="super-resolution decoding steps (default: config.sample.sr_steps)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale g: (1+g) cond - g uncond")
+    p.add_argument("--guidance-schedule", choices=["constant", "linear"], help="linear: ramp g up from 0")
+    p.add_argument("--negative-prompt", help="replaces the empty prompt of the unconditional branch")
+    p.add_argument("--temperature", type=float, help="sampling temperature on the logits")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--choice-temperature", type=float, help="Gumbel temperature of the confidence ranking")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _plan(args, overrides):
+    import json
+    import math
+
+    from muse_jax import planning
+
+    sizes = planning.parse_mesh(args.mesh)
+    planning.ensure_virtual_devices(math.prod(sizes.values()))  # before JAX starts
+    from muse_jax import config as config_lib
+
+    cfg = config_lib.load_config(args.config, overrides)
+    remat = {"auto": None, "on": True, "off": False}[args.remat]
+    kwargs = dict(stage=args.stage, batch_size=args.batch_size, remat=remat)
+    accelerators = tuple(args.accelerator.split(","))
+    if args.layers_from:
+        depths = tuple(int(x) for x in args.layers_from.split(","))
+        result = planning.plan_extrapolated(cfg, sizes, accelerators, layers_from=depths, **kwargs)
+    else:
+        result = planning.plan(cfg, sizes, accelerators, **kwargs)
+    print(planning.format_plan(result))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,10 +154,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_data_shapes)
 
+    p = sub.add_parser("eval", help="score a trained workdir: alignment, FID, tokenizer, sweeps")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", required=True, help="output folder (eval.json, samples.png, sweeps)")
+    p.add_argument("--num-prompts", type=int, default=200, help="prompts drawn from the test split")
+    p.add_argument("--steps", type=int, help="base decoding steps (default: config.sample.steps)")
+    p.add_argument("--sr-steps", type=int, help="super-res decoding steps (default: config.sample.sr_steps)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: config.sample.guidance)")
+    p.add_argument("--sweep-steps", help="comma-separated base step counts to sweep, e.g. 4,8,12,24")
+    p.add_argument("--sweep-guidance", help="comma-separated guidance scales to sweep, e.g. 0,1,3,5")
+    p.add_argument("--sweep-prompts", type=int, default=64, help="prompts per sweep point")
+    p.add_argument("--inception", help="InceptionV3 FID weights (pytorch-fid .pth or .npz) for a standard FID")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_eval)
+
     p = sub.add_parser("quickstart", help="run the whole pipeline on the embedded default")
     p.add_argument("--workdir", required=True)
     p.add_argument("--config", default="shapes", help="config name or path (default: shapes)")
     p.set_defaults(fn=_quickstart)
+
+    p = sub.add_parser("sample", help="text-to-image sampling with a trained workdir")
+    _add_sampling_args(p)
+    p.add_argument("--prompt", help="one prompt")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--num", type=int, default=4, help="samples per prompt")
+    p.add_argument("--out", help="grid PNG (one row per prompt)")
+    p.add_argument("--out-dir", help="directory for one PNG per sample: {prompt:04d}_{sample:02d}.png")
+    p.set_defaults(fn=_sample)
+
+    p = sub.add_parser("edit", help="inpaint/outpaint (--mask) or mask-free editing of an image")
+    _add_sampling_args(p)
+    p.add_argument("--image", required=True, help="input PNG; a square image of another size is resized "
+                   "with a warning, a non-square one is refused")
+    p.add_argument("--mask", help="mask PNG of the image's size, white = regenerate (omit: mask-free editing)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--iterations", type=int, help="mask-free editing iterations (default: config.sample)")
+    p.add_argument("--fraction", type=float, help="mask-free editing: share of tokens re-sampled per iteration")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.set_defaults(fn=_edit)
+
+    p = sub.add_parser("train-tokenizer", help="train the VQGAN image tokenizer into W/tokenizer")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--config", default="shapes", help="config name or path (default: shapes)")
+    p.set_defaults(fn=_train_tokenizer)
+
+    p = sub.add_parser("train", help="train the base and/or super-resolution transformer into W/<stage>")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--config", default="shapes", help="config name or path (default: shapes)")
+    p.add_argument("--stage", default="all", choices=["all", "base", "superres"],
+                   help="all: base then superres (each resumes from its latest checkpoint)")
+    p.set_defaults(fn=_train)
+
+    p = sub.add_parser("reconstruct", help="encode+decode every PNG of a folder with W's tokenizer")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--in", required=True, help="folder of .png images")
+    p.add_argument("--out", required=True, help="folder for the reconstructions (same file names)")
+    p.set_defaults(fn=_reconstruct)
+
+    p = sub.add_parser("plan", help="memory/FLOPs/step-time plan of a training step on a virtual mesh")
+    p.add_argument("--config", required=True, help="config name or path, e.g. muse_3b")
+    p.add_argument("--mesh", required=True, help="axis sizes, e.g. data=1,fsdp=512,tensor=1")
+    p.add_argument("--accelerator", default="tpu_v4",
+                   help="comma-separated names from muse_jax.planning.ACCELERATORS (tpu_v4, tpu_v5e, tpu_v5p, h100)")
+    p.add_argument("--stage", default="base", choices=["base", "superres"])
+    p.add_argument("--batch-size", type=int, help="global batch (default: config.train.batch_size)")
+    p.add_argument("--remat", default="auto", choices=["auto", "on", "off"], help="auto: the config's remat")
+    p.add_argument("--json", help="also write the full plan as JSON here")
+    p.add_argument("--layers-from", help="e.g. 2,4: compile with 2 and 4 blocks and extrapolate to the "
+                   "config's depth (fast for deep models)")
+    p.set_defaults(fn=_plan)
     return parser
 
 
@@ -51,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args, overrides)
     except (ValueError, FileNotFoundError) as e:
         print(f"muse-jax {args.command}: error: {e}", file=sys.stderr)
+        from muse_jax import distributed
+
+        distributed.exit_now(2, str(e))  # multi-process: leave now so the other processes stop too
         return 2
     return 0
 

@@ -43,3 +43,16 @@ def random_mask(rng: jax.Array, rates: jax.Array, num_tokens: int) -> jax.Array:
     scores = jax.random.uniform(rng, (rates.shape[0], num_tokens))
     ranks = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)
     return ranks < num_masked[:, None]
+
+
+def mask_tokens(
+    rng: jax.Array, tokens: jax.Array, mask_token_id: int, schedule_name: str = "cosine"
+) -> tuple[jax.Array, jax.Array]:
+    """Muse training corruption: tokens [B, N] -> (inputs with [MASK] ids, mask bool [B, N]).
+
+    Per example a rate gamma(r), r ~ U[0, 1) (cosine: truncated arccos), at least one token masked.
+    """
+    rate_rng, pos_rng = jax.random.split(rng)
+    rates = sample_mask_rates(rate_rng, tokens.shape[0], schedule_name)
+    mask = random_mask(pos_rng, rates, tokens.shape[1])
+    return jnp.where(mask, jnp.asarray(mask_token_id, tokens.dtype), tokens), mask

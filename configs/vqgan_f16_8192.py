@@ -1,0 +1,54 @@
+"""Paper-size VQGAN tokenizers (Muse: f16 at 256 px, f8 at 512 px; 8192 codes).
+
+`--config configs/vqgan_f16_8192.py` (default "f16") or `...py:f8`. Everything but the
+`vqgan` and `train_tokenizer` sections comes from configs/shapes.py. The f16 variant has the
+aMUSEd / open-muse VQGAN layout (diffusers VQModel: widths 128-256-256-512-768, 2 blocks per
+resolution, 64-d codes, quant_conv, no attention), so `vqgan.load_diffusers_dir` weights fit.
+"""
+import importlib.util
+import pathlib
+
+
+def _shapes_config():
+    spec = importlib.util.spec_from_file_location("_shapes_config", pathlib.Path(__file__).with_name("shapes.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config(arg=None):
+    variant = arg or "f16"
+    if variant not in ("f16", "f8"):
+        raise ValueError(f"unknown variant {variant!r}: expected 'f16' or 'f8'")
+    config = _shapes_config()
+    v = config.vqgan
+    v.channels = (128, 256, 256, 512, 768) if variant == "f16" else (128, 256, 512, 768)
+    v.num_res_blocks = 2
+    v.latent_channels = 64
+    v.code_dim = 64
+    v.codebook_size = 8192
+    v.norm_groups = 32
+    v.l2_normalize = False
+    v.quant_conv = True
+    v.mid_attention = False
+    v.dtype = "bfloat16"
+    t = config.train_tokenizer
+    t.image_size = 256 if variant == "f16" else 512
+    t.num_steps = 1_000_000
+    t.batch_size = 256
+    t.lr = 1e-4
+    t.disc_lr = 1e-4
+    t.warmup_steps = 10_000
+    t.b1, t.b2 = 0.0, 0.99
+    t.reconstruction_loss = "l1"
+    t.restart_until = 100_000
+    t.restart_every = 1000
+    t.adversarial_weight = 0.1
+    t.adversarial_loss = "non_saturating"
+    t.disc_start = 20_000
+    t.disc_channels, t.disc_layers, t.disc_norm_groups = 64, 3, 32
+    t.lecam_weight = 0.001
+    t.perceptual_weight = 0.1  # needs t.perceptual_weights_path (a VGG16 .npz, see vqgan_losses.py)
+    t.log_every = 100
+    t.checkpoint_every = 5000
+    return config

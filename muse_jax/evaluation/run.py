@@ -1,0 +1,126 @@
+"""`muse-jax eval`: score a trained workdir (text alignment, FID, tokenizer, sweeps).
+
+Writes into OUT:
+  eval.json                the main evaluation at the given decoding settings
+  samples.png              the generated images, one row per prompt group
+  sweep_steps.{json,png}   quality and time per image against decoding steps (with --sweep)
+  sweep_guidance.{json,png} ... against the guidance scale (with --sweep)
+"""
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import PIL.Image
+
+from muse_jax.data import export, pipeline as data_pipeline
+from muse_jax.evaluation import alignment, report, sweep
+
+GROUPS = ("one_seen", "one_heldout", "relation", "places")
+
+
+def _load_inception(path: str | None):
+    if not path:
+        return None
+    from muse_jax.evaluation import inception
+
+    return inception.load_inception(path)
+
+
+def evaluate_tokenizer(workdir: pathlib.Path, config, num: int, inception_variables=None) -> dict[str, Any]:
+    """PSNR, SSIM, reconstruction FID and codebook usage on the first `num` test images."""
+    from muse_jax.models import vqgan
+
+    tok = vqgan.ImageTokenizer.from_workdir(workdir)
+    source = data_pipeline.make_source(config.data, "test", workdir / "data")
+    canon = data_pipeline.Canonicalize()
+    images = np.stack([canon.map(source[i])["image"] for i in range(min(num, len(source)))])
+    tokens, recons = [], []
+    for start in range(0, len(images), 64):
+        t = np.asarray(tok.encode(images[start:start + 64]))
+        tokens.append(t)
+        recons.append(np.asarray(tok.decode(t)))
+    return report.evaluate_tokenizer(images, np.concatenate(recons), np.concatenate(tokens), tok.codebook_size,
+                                     inception_variables=inception_variables)
+
+
+def _generate_and_score(pipe, prompts: Sequence[str], cache_dir: str, seed: int, overrides: dict,
+                        inception_variables=None) -> tuple[np.ndarray, dict[str, Any]]:
+    batch = pipe.options.batch_size
+    images, sec = report.timed_generation(
+        lambda ps: pipe.generate(ps, seed=seed, **overrides), prompts, batch)
+    result = report.evaluate_images(images, prompts, cache_dir=cache_dir, seed=0,
+                                    inception_variables=inception_variables)
+    result["sec_per_image"] = sec
+    result["settings"] = {k: v for k, v in overrides.items() if v is not None}
+    return images, result
+
+
+def _samples_grid(images: np.ndarray, prompts: Sequence[str], path: pathlib.Path, per_group: int = 8) -> None:
+    rows = []
+    for g in GROUPS:
+        idx = [i for i, p in enumerate(prompts) if alignment.prompt_group(p) == g][:per_group]
+        if idx:
+            rows.append(np.stack([images[i] for i in idx] + [np.full_like(images[0], 255)] * (per_group - len(idx))))
+    PIL.Image.fromarray(export.image_grid(np.concatenate(rows), cols=per_group, scale=2)).save(path)
+    path.with_suffix(".txt").write_text("".join(
+        f"{g}: " + " | ".join(p for p in prompts if alignment.prompt_group(p) == g][:per_group]) + "\n"
+        for g in GROUPS))
+
+
+def run(workdir, out_dir, *, num_prompts: int = 200, seed: int = 0, steps: int | None = None,
+        sr_steps: int | None = None, guidance: float | None = None, sweep_steps: Sequence[int] = (),
+        sweep_guidance: Sequence[float] = (), sweep_prompts: int = 64, num_tokenizer_images: int = 500,
+        inception_path: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Evaluates workdir W at its default decoding settings (or the ones given); returns the report."""
+    from muse_jax.pipeline import Pipeline, load_workdir_config
+
+    workdir, out_dir = pathlib.Path(workdir), pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    config = load_workdir_config(workdir)
+    inception_variables = _load_inception(inception_path)
+    cache_dir = str(workdir / "eval_cache")
+
+    t0 = time.time()
+    say("validating the shapes detector on real test images ...")
+    detector = report.validate_detector(num=500, seed=0, split="test")
+    say("evaluating the tokenizer ...")
+    tokenizer = evaluate_tokenizer(workdir, config, num_tokenizer_images, inception_variables)
+    say(f"  psnr {tokenizer['psnr']:.2f} dB, ssim {tokenizer['ssim']:.4f}, "
+        f"codebook usage {tokenizer['codebook']['fraction_used']:.1%}")
+
+    pipe = Pipeline.from_workdir(workdir)
+    overrides = {"steps": steps, "sr_steps": sr_steps, "guidance": guidance}
+    prompts = alignment.eval_prompts(num_prompts, seed=seed)
+    say(f"generating {len(prompts)} images for the alignment evaluation ...")
+    images, main = _generate_and_score(pipe, prompts, cache_dir, seed, overrides, inception_variables)
+    _samples_grid(images, prompts, out_dir / "samples.png")
+    align = main["alignment"]
+    say(f"  fully correct: all {align['all']:.1%}; " + ", ".join(
+        f"{g} {align['groups'][g]['all']:.1%}" for g in GROUPS if g in align["groups"]))
+
+    sweeps = {}
+    for name, values in (("steps", sweep_steps), ("guidance", sweep_guidance)):
+        if not values:
+            continue
+        rows = []
+        sp = alignment.eval_prompts(sweep_prompts, seed=seed + 1)
+        for v in values:
+            ov = dict(overrides, **({"steps": int(v)} if name == "steps" else {"guidance": float(v)}))
+            _, r = _generate_and_score(pipe, sp, cache_dir, seed, ov)
+            opts = pipe._options(ov)
+            rows.append({"steps": opts.steps, "guidance": opts.guidance, "accuracy": r["alignment"]["all"],
+                         "fid": r["fid_shapes"], "sec_per_image": r["sec_per_image"]})
+            say(f"  sweep {name}={v}: accuracy {rows[-1]['accuracy']:.1%}, fid {rows[-1]['fid']:.2f}, "
+                f"{rows[-1]['sec_per_image'] * 1000:.1f} ms/image")
+        json_path, png_path = sweep.write_sweep(rows, str(out_dir), f"sweep_{name}", x=name)
+        sweeps[name] = {"results": rows, "json": json_path, "png": png_path}
+
+    result = {"workdir": str(workdir), "detector_accuracy": detector, "tokenizer": tokenizer,
+              "generation": main, "sweeps": sweeps, "seconds": time.time() - t0}
+    report.write_json(result, str(out_dir / "eval.json"))
+    say(f"wrote {out_dir / 'eval.json'} ({result['seconds']:.0f}s)")
+    return result

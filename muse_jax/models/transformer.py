@@ -1,0 +1,386 @@
+"""Muse's masked transformers: the base model (section 2.3) and the super-resolution model (2.4).
+
+Base: image tokens [B, h*w] (codebook ids, or `mask_token_id` = codebook_size where masked)
+  -> token embedding + learned 2-D position embedding
+  -> N x [self-attention, cross-attention to the projected text embeddings, MLP] (pre-LayerNorm)
+  -> final LayerNorm -> MLP head -> logits [B, h*w, codebook_size] (float32).
+Super-resolution: the low-resolution tokens pass through their own stack of self-attention
+layers; those outputs, concatenated with the projected text embeddings, are the cross-attention
+memory of a high-resolution stack that predicts the masked high-resolution tokens.
+
+For samplers:
+    model, params, config = load_stage(workdir, "base")      # muse_jax.training.loop.load_stage
+    emb, mask = ..., ...                                     # text embeddings [B, L, D], bool [B, L]
+    if model.text_encoder_config is not None:                # a T5 trained jointly with the stage
+        emb = model.apply({"params": params}, ids, mask, method=model.encode_text)
+    logits = model.apply({"params": params}, tokens, emb, mask)                  # base
+    logits = model.apply({"params": params}, tokens, emb, mask, lowres_tokens)   # super-res
+    model.mask_token_id == model.codebook_size
+
+All attention goes through `muse_jax.models.layers.dot_product_attention` in heads-major
+[b, h, l, d] layout (queries, keys and values are projected straight into it). Parameters carry
+logical axis names (`nn.with_logical_partitioning`) and key activations logical constraints;
+`muse_jax/training/partitioning.py` maps them to a mesh. `dtype="bfloat16"` computes in bf16
+with float32 parameters; `remat=True` rematerialises each block in the backward pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from muse_jax.models.layers import dot_product_attention
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(name):
+    if not isinstance(name, str):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Sizes of a base (lowres_grid_size=0) or super-resolution masked transformer."""
+
+    codebook_size: int = 512
+    grid_size: int = 8  # tokens per side of the predicted image (h = w)
+    num_layers: int = 4
+    width: int = 128
+    mlp_dim: int = 512
+    num_heads: int = 4
+    text_dim: int = 64  # width of the incoming text embeddings (T5 d_model)
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    layer_norm_epsilon: float = 1e-6
+    dtype: str = "float32"  # compute dtype; parameters are float32
+    remat: bool = False
+    lowres_grid_size: int = 0  # super-res: tokens per side of the conditioning low-res image
+    num_lowres_layers: int = 0  # super-res: depth of the low-res token encoder
+
+    def __post_init__(self):
+        for f in ("codebook_size", "grid_size", "num_layers", "width", "mlp_dim", "num_heads", "text_dim"):
+            if int(getattr(self, f)) <= 0:
+                raise ValueError(f"TransformerConfig.{f} must be positive, got {getattr(self, f)}")
+        if self.width % self.num_heads:
+            raise ValueError(f"TransformerConfig: width {self.width} is not divisible by num_heads {self.num_heads}")
+        if (self.lowres_grid_size > 0) != (self.num_lowres_layers > 0):
+            raise ValueError("TransformerConfig: a super-res model needs both lowres_grid_size and num_lowres_layers")
+        _dtype(self.dtype)
+
+    @property
+    def is_superres(self) -> bool:
+        return self.lowres_grid_size > 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    @classmethod
+    def coerce(cls, cfg: Any) -> "TransformerConfig":
+        """From a TransformerConfig, dict or ConfigDict (unknown keys are an error)."""
+        if isinstance(cfg, cls):
+            return cfg
+        if hasattr(cfg, "to_dict"):
+            cfg = cfg.to_dict()
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - names)
+        if unknown:
+            raise ValueError(f"unknown transformer config fields {unknown}; known: {sorted(names)}")
+        return cls(**dict(cfg))
+
+
+_init = nn.initializers.truncated_normal(0.02)
+
+
+def _param(mod, name, axes, shape, init=_init):
+    return mod.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def _layer_norm(cfg: TransformerConfig, name: str):
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_epsilon, dtype=_dtype(cfg.dtype), param_dtype=jnp.float32,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name=name,
+    )
+
+
+def _dense(features: int, axes, cfg: TransformerConfig, name: str):
+    return nn.Dense(
+        features, dtype=_dtype(cfg.dtype), param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]), name=name,
+    )
+
+
+class Attention(nn.Module):
+    """Multi-head attention: x [B, Lq, E] attends to memory [B, Lk, E]; mask [B, 1|h, 1|Lq, Lk]."""
+
+    cfg: TransformerConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, memory, mask=None):
+        cfg = self.cfg
+        dt = _dtype(cfg.dtype)
+        h, d, e = cfg.num_heads, cfg.width // cfg.num_heads, cfg.width
+        x, memory = x.astype(dt), memory.astype(dt)
+
+        def project(name, inp, length_axis, bias=True):
+            w = _param(self, f"{name}_kernel", ("embed", "heads", "kv"), (e, h, d)).astype(dt)
+            y = jnp.einsum("ble,ehd->bhld", inp, w)
+            if bias:
+                b = _param(self, f"{name}_bias", ("heads", "kv"), (h, d), nn.initializers.zeros).astype(dt)
+                y = y + b[None, :, None, :]
+            return nn.with_logical_constraint(y, ("batch", "heads", length_axis, "kv"))
+
+        q = project("query", x, "length")
+        # No key bias: softmax is invariant to it (its gradient is only rounding noise, which
+        # Adam would amplify into parameter drift).
+        k = project("key", memory, "kv_length", bias=False)
+        v = project("value", memory, "kv_length")
+        o = dot_product_attention(q, k, v, mask=mask)  # [b, h, lq, d]
+        if cfg.attention_dropout_rate > 0:
+            o = nn.Dropout(cfg.attention_dropout_rate)(o, deterministic=self.deterministic)
+        w_o = _param(self, "out_kernel", ("heads", "kv", "embed"), (h, d, e)).astype(dt)
+        b_o = _param(self, "out_bias", ("embed",), (e,), nn.initializers.zeros).astype(dt)
+        out = jnp.einsum("bhld,hde->ble", o, w_o) + b_o
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Dense(mlp_dim) -> GELU -> Dense(width)."""
+
+    cfg: TransformerConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        y = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, "wi")(x)
+        y = nn.with_logical_constraint(jax.nn.gelu(y), ("batch", "length", "mlp"))
+        y = nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
+        return _dense(cfg.width, ("mlp", "embed"), cfg, "wo")(y)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: self-attention, [cross-attention to memory], MLP."""
+
+    cfg: TransformerConfig
+    cross_attention: bool = True
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, memory=None, memory_mask=None):
+        cfg = self.cfg
+        drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)  # noqa: E731
+        y = _layer_norm(cfg, "pre_self_attention_norm")(x)
+        x = x + drop(Attention(cfg, self.deterministic, name="self_attention")(y, y))
+        if self.cross_attention:
+            y = _layer_norm(cfg, "pre_cross_attention_norm")(x)
+            x = x + drop(Attention(cfg, self.deterministic, name="cross_attention")(y, memory, memory_mask))
+        y = _layer_norm(cfg, "pre_mlp_norm")(x)
+        x = x + drop(MLP(cfg, self.deterministic, name="mlp")(y))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids [B, g*g] -> token + learned 2-D position embeddings [B, g*g, width]."""
+
+    cfg: TransformerConfig
+    vocab_size: int
+    grid_size: int
+
+    @nn.compact
+    def __call__(self, tokens):
+        cfg = self.cfg
+        g = self.grid_size
+        if tokens.ndim != 2 or tokens.shape[1] != g * g:
+            raise ValueError(f"expected tokens [batch, {g * g}] ({g}x{g} grid), got shape {tokens.shape}")
+        table = _param(self, "embedding", ("vocab", "embed"), (self.vocab_size, cfg.width))
+        pos = _param(self, "position_embedding", (None, None, "embed"), (g, g, cfg.width))
+        x = jnp.take(table, tokens.astype(jnp.int32), axis=0) + pos.reshape(g * g, cfg.width)[None]
+        x = _layer_norm(cfg, "embedding_norm")(x)
+        return nn.with_logical_constraint(x.astype(_dtype(cfg.dtype)), ("batch", "length", "embed"))
+
+
+class Stack(nn.Module):
+    """N blocks (optionally rematerialised) and a final LayerNorm."""
+
+    cfg: TransformerConfig
+    num_layers: int
+    cross_attention: bool = True
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, memory=None, memory_mask=None):
+        block_cls = nn.remat(Block) if self.cfg.remat else Block
+        for i in range(self.num_layers):
+            x = block_cls(self.cfg, self.cross_attention, self.deterministic, name=f"block_{i}")(
+                x, memory, memory_mask
+            )
+        return _layer_norm(self.cfg, "final_norm")(x)
+
+
+class LogitsHead(nn.Module):
+    """MLP head: Dense(width) -> GELU -> LayerNorm -> Dense(codebook_size); float32 logits."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        x = jax.nn.gelu(_dense(cfg.width, ("embed", "mlp"), cfg, "dense")(x))
+        x = _layer_norm(cfg, "norm")(x)
+        logits = _dense(cfg.codebook_size, ("embed", "vocab"), cfg, "logits")(x).astype(jnp.float32)
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+class _MuseStage(nn.Module):
+    """Shared parts of both stages: the optional jointly-trained text encoder, text projection."""
+
+    config: TransformerConfig
+    text_encoder_config: Any = None  # a hashable T5Config when T5 trains jointly with this stage
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.codebook_size
+
+    def setup(self):
+        if self.text_encoder_config is not None:
+            from muse_jax.models.t5 import T5Encoder
+
+            self.text_encoder = T5Encoder(self.text_encoder_config)
+
+    def encode_text(self, ids, mask, deterministic: bool = True):
+        """ids int [B, L], mask bool [B, L] -> embeddings [B, L, text_dim] (jointly trained T5)."""
+        if self.text_encoder_config is None:
+            raise ValueError("this stage has no text encoder of its own: pass precomputed text embeddings")
+        return self.text_encoder(ids, mask, deterministic=deterministic)
+
+    def _text_memory(self, text_emb, text_mask):
+        cfg = self.config
+        if text_emb.ndim != 3 or text_emb.shape[-1] != cfg.text_dim:
+            raise ValueError(f"expected text embeddings [batch, length, {cfg.text_dim}], got {text_emb.shape}")
+        if text_mask.shape != text_emb.shape[:2]:
+            raise ValueError(f"text mask shape {text_mask.shape} != text embedding shape {text_emb.shape[:2]}")
+        memory = _dense(cfg.width, (None, "embed"), cfg, "text_projection")(text_emb.astype(_dtype(cfg.dtype)))
+        memory = nn.with_logical_constraint(memory, ("batch", "kv_length", "embed"))
+        return memory, jnp.asarray(text_mask, bool)
+
+
+class MuseBase(_MuseStage):
+    """Base masked transformer: tokens [B, g*g], text [B, L, D] (+mask) -> logits [B, g*g, K]."""
+
+    @nn.compact
+    def __call__(self, tokens, text_emb, text_mask, *, deterministic: bool = True):
+        cfg = self.config
+        memory, mem_mask = self._text_memory(text_emb, text_mask)
+        x = TokenEmbedding(cfg, cfg.codebook_size + 1, cfg.grid_size, name="tokens")(tokens)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = Stack(cfg, cfg.num_layers, True, deterministic, name="decoder")(x, memory, mem_mask[:, None, None, :])
+        return LogitsHead(cfg, name="head")(x)
+
+    def forward(self, tokens, text_ids, text_mask, *, deterministic: bool = True):
+        """Jointly-trained text encoder + `__call__` (training and `init`)."""
+        emb = self.encode_text(text_ids, text_mask, deterministic)
+        return self(tokens, emb, text_mask, deterministic=deterministic)
+
+
+class MuseSuperRes(_MuseStage):
+    """Super-res transformer: high-res tokens [B, G*G] given low-res tokens [B, g*g] and text."""
+
+    @nn.compact
+    def __call__(self, tokens, text_emb, text_mask, lowres_tokens, *, deterministic: bool = True):
+        cfg = self.config
+        if not cfg.is_superres:
+            raise ValueError("MuseSuperRes needs config.lowres_grid_size and num_lowres_layers > 0")
+        memory, mem_mask = self._text_memory(text_emb, text_mask)
+        low = TokenEmbedding(cfg, cfg.codebook_size, cfg.lowres_grid_size, name="lowres_tokens")(lowres_tokens)
+        low = Stack(cfg, cfg.num_lowres_layers, False, deterministic, name="lowres_encoder")(low)
+        memory = jnp.concatenate([memory, low.astype(memory.dtype)], axis=1)
+        mem_mask = jnp.concatenate([mem_mask, jnp.ones(lowres_tokens.shape, bool)], axis=1)
+        memory = nn.with_logical_constraint(memory, ("batch", "kv_length", "embed"))
+        x = TokenEmbedding(cfg, cfg.codebook_size + 1, cfg.grid_size, name="tokens")(tokens)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = Stack(cfg, cfg.num_layers, True, deterministic, name="decoder")(x, memory, mem_mask[:, None, None, :])
+        return LogitsHead(cfg, name="head")(x)
+
+    def forward(self, tokens, text_ids, text_mask, lowres_tokens, *, deterministic: bool = True):
+        """Jointly-trained text encoder + `__call__` (training and `init`)."""
+        emb = self.encode_text(text_ids, text_mask, deterministic)
+        return self(tokens, emb, text_mask, lowres_tokens, deterministic=deterministic)
+
+
+def build(cfg: Any, text_encoder_config: Any = None) -> _MuseStage:
+    """MuseBase or MuseSuperRes from a config (super-res when lowres_grid_size > 0)."""
+    cfg = TransformerConfig.coerce(cfg)
+    if text_encoder_config is not None:
+        from muse_jax.models.t5 import T5Config
+
+        text_encoder_config = T5Config.coerce(text_encoder_config)
+        if text_encoder_config.d_model != cfg.text_dim:
+            raise ValueError(
+                f"text encoder d_model {text_encoder_config.d_model} != transformer text_dim {cfg.text_dim}"
+            )
+    cls = MuseSuperRes if cfg.is_superres else MuseBase
+    return cls(cfg, text_encoder_config)
+
+
+def dummy_inputs(model: _MuseStage, batch: int = 1, text_length: int = 8) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract inputs for `init`/`eval_shape`: tokens, text (ids or embeddings), mask[, lowres]."""
+    cfg = model.config
+    out = {"tokens": jax.ShapeDtypeStruct((batch, cfg.num_tokens), jnp.int32)}
+    if model.text_encoder_config is not None:
+        out["text_ids"] = jax.ShapeDtypeStruct((batch, text_length), jnp.int32)
+    else:
+        out["text_emb"] = jax.ShapeDtypeStruct((batch, text_length, cfg.text_dim), jnp.float32)
+    out["text_mask"] = jax.ShapeDtypeStruct((batch, text_length), jnp.bool_)
+    if cfg.is_superres:
+        out["lowres_tokens"] = jax.ShapeDtypeStruct((batch, cfg.lowres_grid_size**2), jnp.int32)
+    return out
+
+
+def init_params(model: _MuseStage, rng, inputs: Mapping[str, Any]):
+    """Boxed parameters (`nn.Partitioned` leaves) from example `inputs` (see `dummy_inputs`)."""
+    zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in inputs.items()}
+    if "text_mask" in zeros:
+        zeros["text_mask"] = jnp.ones(zeros["text_mask"].shape, bool)
+    return model.init(rng, **_call_args(model, zeros), deterministic=True, method=_method(model))["params"]
+
+
+def apply(model: _MuseStage, params, inputs: Mapping[str, Any], *, deterministic=True, rngs=None):
+    """Logits from a dict with tokens, text_ids|text_emb, text_mask[, lowres_tokens]."""
+    return model.apply(
+        {"params": params}, **_call_args(model, inputs), deterministic=deterministic, rngs=rngs,
+        method=_method(model),
+    )
+
+
+def _method(model):
+    return model.forward if model.text_encoder_config is not None else model.__call__
+
+
+def _call_args(model, inputs):
+    args = {"tokens": inputs["tokens"], "text_mask": inputs["text_mask"]}
+    if model.text_encoder_config is not None:
+        args["text_ids"] = inputs["text_ids"]
+    else:
+        args["text_emb"] = inputs["text_emb"]
+    if model.config.is_superres:
+        args["lowres_tokens"] = inputs["lowres_tokens"]
+    return args
+
+
+def count_params(params) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(nn.unbox(params))))

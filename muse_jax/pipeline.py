@@ -1,0 +1,486 @@
+"""The Muse cascade: prompts -> base tokens -> super-resolution tokens -> VQGAN decode, and editing.
+
+    pipe = Pipeline.from_workdir(W)                      # tokenizer + trained stages of W
+    images = pipe.generate(["a red circle"], num_per_prompt=4, seed=0)   # uint8 [4, 64, 64, 3]
+    out = pipe.inpaint(images, masks, ["a blue square"] * 4)            # pixels outside masks kept
+    out = pipe.edit(images, ["a green triangle"] * 4)                   # mask-free editing
+
+Each stage (base, super-res) runs as one jitted program per (batch, options): text encoding,
+then the decode loop of `muse_jax.sampling` with classifier-free guidance as one batched
+forward of 2B (the unconditional branch is the empty prompt, or the negative prompt). The
+batch is cut into chunks of `batch_size` (the last one padded), each sharded over the mesh's
+batch axes, so one shape is compiled however many images are asked for. Sample i of chunk c
+uses `fold_in(key(seed), c)`: the same seed and batch size give the same images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import warnings
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from muse_jax import editing, sampling
+
+STAGES = ("base", "superres")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    """Options of one sampling / editing call (defaults: `config.sample`)."""
+
+    steps: int = 12
+    sr_steps: int = 8
+    guidance: float = 3.0
+    guidance_schedule: str = "constant"
+    choice_temperature: float = 4.5
+    temperature: float = 1.0
+    top_k: int = 0
+    schedule: str = "cosine"
+    negative_prompt: str = ""
+    batch_size: int = 16
+    edit_iterations: int = 12
+    edit_fraction: float = 0.08
+    edit_choice_temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.guidance_schedule not in sampling.GUIDANCE_SCHEDULES:
+            raise ValueError(
+                f"unknown guidance schedule {self.guidance_schedule!r}; expected one of {sampling.GUIDANCE_SCHEDULES}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"sample batch_size must be >= 1, got {self.batch_size}")
+        if self.steps < 1 or self.sr_steps < 1 or self.edit_iterations < 1:
+            raise ValueError(
+                f"steps, sr_steps and edit_iterations must be >= 1, got {self.steps}, {self.sr_steps}, "
+                f"{self.edit_iterations}"
+            )
+        self.decode_options("base")  # validates schedule, temperatures, top_k
+        editing.num_resampled(1, self.edit_fraction)
+
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "SampleOptions":
+        """From a `config.sample` section (missing keys keep their defaults), then overrides."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
+        d = {k: v for k, v in d.items() if k in names}
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**d)
+
+    def decode_options(self, stage: str) -> sampling.DecodeOptions:
+        return sampling.DecodeOptions(
+            num_steps=self.steps if stage == "base" else self.sr_steps, mask_schedule=self.schedule,
+            choice_temperature=self.choice_temperature, temperature=self.temperature, top_k=self.top_k,
+        )
+
+
+@dataclasses.dataclass(eq=False)
+class Stage:
+    """One masked transformer ready for sampling, independent of how it was built.
+
+    prepare_text(prompts) -> dict of numpy arrays [B, ...]   (host: tokenize / frozen encoder)
+    embed(params, text_inputs) -> (emb [B, L, D], mask [B, L])  (traced: e.g. a joint T5)
+    apply(params, tokens [B, N], emb, mask, lowres [B, M] | None) -> logits [B, N, K]
+    """
+
+    name: str
+    params: Any
+    grid_size: int
+    mask_token_id: int
+    prepare_text: Callable[[Sequence[str]], dict]
+    embed: Callable[[Any, dict], tuple]
+    apply: Callable[..., jax.Array]
+    lowres_grid_size: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    @classmethod
+    def from_model(cls, name, model, params, text_tokenizer, text_encode: Callable | None = None) -> "Stage":
+        """From a `muse_jax.models.transformer` stage: a jointly trained T5 inside the model, or a
+        frozen `text_encode(prompts) -> (emb, mask)` (e.g. `muse_jax.text.make_encode_fn`)."""
+        cfg = model.config
+        if model.text_encoder_config is not None:
+
+            def prepare_text(prompts):
+                ids, mask = text_tokenizer(list(prompts))
+                return {"ids": ids, "mask": mask}
+
+            def embed(params, t):
+                return model.apply({"params": params}, t["ids"], t["mask"], method=model.encode_text), t["mask"]
+
+        else:
+            if text_encode is None:
+                raise ValueError(f"stage {name!r} has no text encoder of its own: a frozen text_encode is needed")
+
+            def prepare_text(prompts):
+                emb, mask = text_encode(list(prompts))
+                return {"emb": np.asarray(emb), "mask": np.asarray(mask)}
+
+            def embed(params, t):
+                return t["emb"], t["mask"]
+
+        def apply(params, tokens, emb, mask, lowres=None):
+            args = (tokens, emb, mask) if lowres is None else (tokens, emb, mask, lowres)
+            return model.apply({"params": params}, *args, deterministic=True)
+
+        return cls(name, params, cfg.grid_size, model.mask_token_id, prepare_text, embed, apply,
+                   cfg.lowres_grid_size)
+
+
+def _stage_program(stage: Stage, options: sampling.DecodeOptions | None, guided: bool, guidance_schedule: str,
+                   edit: tuple[int, float, float] | None = None):
+    """One jitted program: (params, start [B,N], cond, uncond, lowres, rng, g) -> tokens [B, N].
+
+    options: decode (generation from a fully masked start, or inpainting from given tokens);
+    edit = (iterations, fraction, choice_temperature): mask-free editing instead.
+    """
+    num_steps = edit[0] if edit else options.num_steps
+
+    def program(params, start, cond_text, uncond_text, lowres, rng, guidance_scale):
+        emb, mask = stage.embed(params, cond_text)
+
+        def apply_fn(tokens, inputs):
+            return stage.apply(params, tokens, *inputs)
+
+        inputs = (emb, mask, lowres)
+        if guided:
+            u_emb, u_mask = stage.embed(params, uncond_text)
+            fn = sampling.guided_logits_fn(apply_fn, inputs, (u_emb, u_mask, lowres), guidance_scale=guidance_scale,
+                                           num_steps=num_steps, guidance_schedule=guidance_schedule)
+        else:
+            fn = lambda tokens, step: apply_fn(tokens, inputs)  # noqa: E731
+        if edit:
+            iterations, fraction, choice_temperature = edit
+            return editing.mask_free_edit(
+                fn, start, rng, mask_token_id=stage.mask_token_id, num_iterations=iterations, fraction=fraction,
+                choice_temperature=choice_temperature, temperature=options.temperature, top_k=options.top_k,
+            )
+        return sampling.decode(fn, start, rng, mask_token_id=stage.mask_token_id, options=options)
+
+    return jax.jit(program)
+
+
+class Pipeline:
+    """Tokenizer + base stage (+ super-res stage): generation, inpainting and mask-free editing."""
+
+    def __init__(self, tokenizer, base: Stage, superres: Stage | None = None, options: SampleOptions | None = None,
+                 mesh=None, rules=None):
+        self.tokenizer = tokenizer
+        self.base = base
+        self.superres = superres
+        self.options = options or SampleOptions()
+        self.mesh = mesh
+        self.rules = rules
+        f = tokenizer.factor
+        if superres is not None and superres.lowres_grid_size != base.grid_size:
+            raise ValueError(
+                f"super-res stage expects {superres.lowres_grid_size}x{superres.lowres_grid_size} low-res tokens, "
+                f"the base stage makes {base.grid_size}x{base.grid_size}"
+            )
+        self.base_image_size = base.grid_size * f
+        self.image_size = (superres.grid_size if superres is not None else base.grid_size) * f
+        if self.image_size % self.base_image_size:
+            raise ValueError(f"image size {self.image_size} is not a multiple of the base size {self.base_image_size}")
+        self._programs: dict = {}
+
+    # ----------------------------------------------------------------------------- loading
+    @classmethod
+    def from_workdir(cls, workdir, mesh=None, **overrides) -> "Pipeline":
+        """Loads W's image tokenizer and trained stages; `overrides` replace `config.sample` keys."""
+        workdir = pathlib.Path(workdir)
+        if not workdir.is_dir():
+            raise FileNotFoundError(f"workdir {workdir} does not exist")
+        config = load_workdir_config(workdir)
+        options = SampleOptions.from_config(config.get("sample"), **overrides)
+        from muse_jax.models import vqgan
+
+        if mesh is None and len(jax.devices()) > 1 and "mesh" in config:
+            from muse_jax.training import partitioning
+
+            mesh = partitioning.make_mesh(config.mesh)
+        tokenizer = vqgan.ImageTokenizer.from_workdir(workdir, mesh=mesh)
+        base = load_stage(workdir, "base", config)
+        try:
+            superres = load_stage(workdir, "superres", config)
+        except FileNotFoundError as e:
+            warnings.warn(f"{e}; sampling at the base resolution only", UserWarning, stacklevel=2)
+            superres = None
+        rules = None
+        if mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec as P
+
+            from muse_jax.training import partitioning
+
+            rules = partitioning.logical_rules(config)
+            for stage in (base, superres):  # parameters replicated over the mesh; the batch is sharded
+                if stage is not None:
+                    stage.params = jax.device_put(stage.params, NamedSharding(mesh, P()))
+        return cls(tokenizer, base, superres, options, mesh=mesh, rules=rules)
+
+    # ----------------------------------------------------------------------------- helpers
+    def _options(self, overrides) -> SampleOptions:
+        return dataclasses.replace(self.options, **{k: v for k, v in overrides.items() if v is not None})
+
+    def _program(self, stage: Stage, opts: SampleOptions, guided: bool, edit: bool):
+        stage_key = "base" if stage is self.base else "superres"
+        dec = opts.decode_options(stage_key)
+        e = (opts.edit_iterations, opts.edit_fraction, opts.edit_choice_temperature) if edit else None
+        key = (stage_key, dec, guided, opts.guidance_schedule, e)
+        if key not in self._programs:
+            self._programs[key] = _stage_program(stage, dec, guided, opts.guidance_schedule, e)
+        return self._programs[key]
+
+    def _put(self, x):
+        """Host array [B, ...] -> device array sharded over the mesh's batch axes (if any)."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from muse_jax.training import partitioning
+
+        return jax.device_put(np.asarray(x), partitioning.batch_sharding(self.mesh, self.rules, np.ndim(x)))
+
+    def _chunk_size(self, opts: SampleOptions) -> int:
+        b = opts.batch_size
+        if self.mesh is not None:
+            from muse_jax.training import partitioning
+
+            axes = partitioning.batch_sharding(self.mesh, self.rules).spec[0]
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            n = int(np.prod([self.mesh.shape[a] for a in axes]))
+            b = -(-b // n) * n  # a multiple of the devices the batch is split over
+        return b
+
+    def _run_stage(self, stage: Stage, start: np.ndarray, prompts: Sequence[str], lowres: np.ndarray | None,
+                   rng: jax.Array, opts: SampleOptions, edit: bool = False) -> np.ndarray:
+        """Runs one stage over the whole batch in padded chunks: start [B, N] -> tokens [B, N]."""
+        b_total = start.shape[0]
+        chunk = self._chunk_size(opts)
+        guided = opts.guidance != 0
+        program = self._program(stage, opts, guided, edit)
+        outs = []
+        for c, lo in enumerate(range(0, b_total, chunk)):
+            hi = min(lo + chunk, b_total)
+            pad = chunk - (hi - lo)
+            padded = lambda x: np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x  # noqa: E731
+            p = list(prompts[lo:hi]) + [prompts[hi - 1]] * pad
+            cond = jax.tree_util.tree_map(self._put, stage.prepare_text(p))
+            uncond = jax.tree_util.tree_map(self._put, stage.prepare_text([opts.negative_prompt] * chunk)) if guided \
+                else None
+            low = None if lowres is None else self._put(padded(lowres[lo:hi]))
+            tokens = program(stage.params, self._put(padded(start[lo:hi])), cond, uncond, low,
+                             jax.random.fold_in(rng, c), jnp.float32(opts.guidance))
+            outs.append(np.asarray(tokens)[: hi - lo])
+        return np.concatenate(outs)
+
+    def _decode_images(self, tokens: np.ndarray, grid: int) -> np.ndarray:
+        return np.asarray(self.tokenizer.decode(tokens.reshape(-1, grid, grid)))
+
+    def _check_images(self, images, masks=None):
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[None]
+        s = self.image_size
+        if images.ndim != 4 or images.shape[1:] != (s, s, 3) or images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 [B, {s}, {s}, 3] for this pipeline, got {images.dtype} "
+                             f"{images.shape}")
+        if masks is None:
+            return images, None
+        masks = np.asarray(masks)
+        if masks.ndim == 2:
+            masks = masks[None]
+        if masks.shape != images.shape[:3]:
+            raise ValueError(f"mask shape {masks.shape} does not match the images {images.shape[:3]}")
+        return images, masks != 0
+
+    def _encode(self, images: np.ndarray, size: int) -> np.ndarray:
+        if images.shape[1] != size:
+            images = editing.downsample_area(images, images.shape[1] // size)
+        return np.asarray(self.tokenizer.encode(images)).reshape(images.shape[0], -1)
+
+    # ----------------------------------------------------------------------------- public API
+    def generate_tokens(self, prompts: Sequence[str], *, seed: int = 0, **overrides):
+        """Prompts (one per sample) -> (base tokens [B, n], super-res tokens [B, N] or None)."""
+        opts = self._options(overrides)
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        key = jax.random.key(seed)
+        start = np.full((len(prompts), self.base.num_tokens), self.base.mask_token_id, np.int32)
+        base = self._run_stage(self.base, start, prompts, None, jax.random.fold_in(key, 0), opts)
+        if self.superres is None:
+            return base, None
+        start = np.full((len(prompts), self.superres.num_tokens), self.superres.mask_token_id, np.int32)
+        sr = self._run_stage(self.superres, start, prompts, base, jax.random.fold_in(key, 1), opts)
+        return base, sr
+
+    def generate(self, prompts: Sequence[str], *, num_per_prompt: int = 1, seed: int = 0, **overrides) -> np.ndarray:
+        """Prompts -> uint8 images [len(prompts) * num_per_prompt, S, S, 3], prompt-major."""
+        if num_per_prompt < 1:
+            raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}")
+        expanded = [p for p in prompts for _ in range(num_per_prompt)]
+        base, sr = self.generate_tokens(expanded, seed=seed, **overrides)
+        if sr is None:
+            return self._decode_images(base, self.base.grid_size)
+        return self._decode_images(sr, self.superres.grid_size)
+
+    def inpaint(self, images, masks, prompts: Sequence[str], *, seed: int = 0, **overrides) -> np.ndarray:
+        """Inpainting / outpainting (Muse 3.3): regenerate the masked pixels (mask nonzero) at both
+        scales; uint8 [B, S, S, 3] -> uint8 [B, S, S, 3], pixels outside the masks unchanged."""
+        opts = self._options(overrides)
+        images, masks = self._check_images(images, masks)
+        prompts = self._check_prompts(prompts, images.shape[0])
+        f = self.tokenizer.factor
+        key = jax.random.key(seed)
+        scale = self.image_size // self.base_image_size
+        low_tokens = self._encode(images, self.base_image_size)
+        low_mask = editing.token_mask_from_pixels(masks, f * scale).reshape(images.shape[0], -1)
+        start = np.where(low_mask, self.base.mask_token_id, low_tokens).astype(np.int32)
+        base = self._run_stage(self.base, start, prompts, None, jax.random.fold_in(key, 0), opts)
+        if self.superres is None:
+            out = self._decode_images(base, self.base.grid_size)
+        else:
+            hi_tokens = self._encode(images, self.image_size)
+            hi_mask = editing.token_mask_from_pixels(masks, f).reshape(images.shape[0], -1)
+            start = np.where(hi_mask, self.superres.mask_token_id, hi_tokens).astype(np.int32)
+            sr = self._run_stage(self.superres, start, prompts, base, jax.random.fold_in(key, 1), opts)
+            out = self._decode_images(sr, self.superres.grid_size)
+        return editing.composite(images, out, masks)
+
+    def edit(self, images, prompts: Sequence[str], *, seed: int = 0, **overrides) -> np.ndarray:
+        """Mask-free editing (Muse 3.3.2) at both scales: uint8 [B, S, S, 3] -> uint8 [B, S, S, 3]."""
+        opts = self._options(overrides)
+        images, _ = self._check_images(images)
+        prompts = self._check_prompts(prompts, images.shape[0])
+        key = jax.random.key(seed)
+        low_tokens = self._encode(images, self.base_image_size)
+        base = self._run_stage(self.base, low_tokens, prompts, None, jax.random.fold_in(key, 0), opts, edit=True)
+        if self.superres is None:
+            return self._decode_images(base, self.base.grid_size)
+        hi_tokens = self._encode(images, self.image_size)
+        sr = self._run_stage(self.superres, hi_tokens, prompts, base, jax.random.fold_in(key, 1), opts, edit=True)
+        return self._decode_images(sr, self.superres.grid_size)
+
+    @staticmethod
+    def _check_prompts(prompts, n):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(prompts) == 1 and n > 1:
+            prompts = prompts * n
+        if len(prompts) != n:
+            raise ValueError(f"{len(prompts)} prompts for {n} images")
+        return prompts
+
+
+def load_workdir_config(workdir) -> ml_collections.ConfigDict:
+    """W/config.json if present (written by training), else the embedded shapes default."""
+    path = pathlib.Path(workdir) / "config.json"
+    if path.is_file():
+        try:
+            return ml_collections.ConfigDict(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"workdir config {path} is not valid JSON: {e}") from None
+    from muse_jax import config as config_lib
+
+    return config_lib.load_config("shapes")
+
+
+def load_stage(workdir, name: str, config=None) -> Stage:
+    """A trained stage ("base" or "superres") of workdir W as a `Stage` (W/<name>, latest checkpoint)."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
+    from muse_jax import text
+    from muse_jax.training import loop
+
+    model, params, stage_config = loop.load_stage(workdir, name)
+    cfg = stage_config if stage_config is not None else (config or load_workdir_config(workdir))
+    text_tokenizer = text.workdir_tokenizer(workdir, cfg.text)
+    if model.text_encoder_config is None:
+        raise FileNotFoundError(
+            f"stage {name} of {workdir} was trained on precomputed (frozen) text embeddings; loading a frozen "
+            "text encoder for sampling is not supported yet"
+        )
+    return Stage.from_model(name, model, params, text_tokenizer)
+
+
+# --------------------------------------------------------------------------------- files (CLI)
+def read_prompts_file(path) -> list[str]:
+    """One prompt per non-empty line, in file order."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+def load_image(path, size: int) -> np.ndarray:
+    """An RGB image file -> uint8 [size, size, 3].
+
+    A square image of another size is resized (bicubic) with a warning; a non-square one is
+    refused (it would be distorted).
+    """
+    import PIL.Image
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    img = PIL.Image.open(path).convert("RGB")
+    if img.size != (size, size):
+        if img.size[0] != img.size[1]:
+            raise ValueError(f"image {path} is {img.size[0]}x{img.size[1]}; this pipeline needs a square image "
+                             f"({size}x{size}); crop it first")
+        warnings.warn(f"image {path} is {img.size[0]}x{img.size[1]}; resized to {size}x{size}", UserWarning,
+                      stacklevel=2)
+        img = img.resize((size, size), PIL.Image.BICUBIC)
+    return np.asarray(img, np.uint8)
+
+
+def load_mask(path, image_path, size: int) -> np.ndarray:
+    """A mask image (nonzero / white = regenerate) of the same size as the image -> bool [size, size]."""
+    import PIL.Image
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask {path} does not exist")
+    mask = PIL.Image.open(path).convert("L")
+    image_size = PIL.Image.open(image_path).size
+    if mask.size != image_size:
+        raise ValueError(f"mask {path} is {mask.size[0]}x{mask.size[1]} but image {image_path} is "
+                         f"{image_size[0]}x{image_size[1]}; they must be the same size")
+    if mask.size != (size, size):
+        mask = mask.resize((size, size), PIL.Image.NEAREST)
+    return np.asarray(mask) >= 128
+
+
+def save_png(image: np.ndarray, path) -> pathlib.Path:
+    import PIL.Image
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.fromarray(np.asarray(image, np.uint8)).save(path)
+    return path
+
+
+def sample_to_files(pipe: Pipeline, prompts: Sequence[str], *, num: int, seed: int, out: str | None = None,
+                    out_dir: str | None = None, **overrides) -> list[pathlib.Path]:
+    """Samples `num` images per prompt; writes a grid (`out`, one row per prompt) and/or one PNG
+    per prompt and sample (`out_dir/{prompt_index:04d}_{sample:02d}.png`)."""
+    from muse_jax.data import export
+
+    if out is None and out_dir is None:
+        raise ValueError("give --out (a grid PNG) or --out-dir (one PNG per sample)")
+    images = pipe.generate(prompts, num_per_prompt=num, seed=seed, **overrides)
+    written = []
+    if out is not None:
+        written.append(save_png(export.image_grid(images, cols=num), out))
+    if out_dir is not None:
+        for i in range(len(prompts)):
+            for j in range(num):
+                written.append(save_png(images[i * num + j], pathlib.Path(out_dir) / f"{i:04d}_{j:02d}.png"))
+    return written

@@ -1,0 +1,237 @@
+"""Checkpoints: one Orbax CheckpointManager with the data-iterator state, fallback, preemption.
+
+How to use (a training loop):
+    ckpt = Checkpointer(workdir / "checkpoints" / "base", save_every=500, keep=3)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract_state, shardings)           # target shapes + shardings
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, start = ckpt.restore(abstract, data_iterator=it)   # falls back past corrupt steps
+    with PreemptionHandler() as preempt:                          # SIGTERM -> flag
+        for step in range(start, num_steps):
+            state, metrics = train_step(state, batch, rng)
+            if step_is_log_or_save(step + 1):
+                check_finite(metrics, step + 1)                   # NaN/inf -> NonFiniteError
+            ckpt.save(step + 1, state, data_iterator=it)          # every `save_every`, async
+            if preempt.requested:
+                ckpt.save(step + 1, state, data_iterator=it, force=True); break
+    ckpt.close()                                                  # waits for async saves
+
+The step number saved is the number of completed steps; resuming from step s restores the
+state after s steps and the iterator positioned at the (s+1)-th batch. Restore places arrays
+onto whatever shardings the target carries, so a checkpoint written on one mesh restores onto
+another. `restore` raises `CheckpointError` with the directory, the steps tried and why.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import pathlib
+import shutil
+import signal
+import threading
+from typing import Any, Mapping
+
+import grain.python as grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing or cannot be read."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf training metric; the run stops, earlier checkpoints are kept."""
+
+
+class Checkpointer:
+    """CheckpointManager with items `state` (any pytree of arrays) and `data` (grain iterator)."""
+
+    def __init__(
+        self,
+        directory: str | pathlib.Path,
+        *,
+        save_every: int = 1000,
+        keep: int | None = 3,
+        async_save: bool = True,
+    ):
+        if save_every < 1:
+            raise ValueError(f"save_every={save_every}: must be >= 1")
+        self.directory = pathlib.Path(directory).absolute()
+        self.save_every = int(save_every)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_names=("state", "data"),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.PyGrainCheckpointHandler(),
+            },
+        )
+
+    # ---- queries
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    # ---- save
+    def should_save(self, step: int) -> bool:
+        return step % self.save_every == 0
+
+    def save(self, step: int, state: Any, *, data_iterator=None, force: bool = False) -> bool:
+        """Saves (asynchronously) when `step` is a multiple of `save_every` or `force`."""
+        if not (force or self.should_save(step)):
+            return False
+        if step in self._manager.all_steps():
+            return False
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.PyGrainCheckpointSave(data_iterator)
+        saved = self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+        return bool(saved)
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    # ---- restore
+    def restore(self, target: Any, *, data_iterator=None, step: int | None = None) -> tuple[Any, int]:
+        """Restores onto `target` (ShapeDtypeStructs with shardings, or arrays) -> (state, step).
+
+        Without `step`, tries the newest step and falls back to older ones if it is unreadable
+        (the unreadable step directory is moved aside to `<dir>/<step>.corrupt`). The grain
+        `data_iterator`, if given, is positioned where it was at that step.
+        """
+        if not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoint directory {self.directory}")
+        self._manager.reload()
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoints in {self.directory}")
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"no checkpoint for step {step} in {self.directory} (have {steps})")
+            return self._restore_step(step, target, data_iterator), step
+        errors, failed = [], []
+        for s in reversed(steps):
+            try:
+                restored = self._restore_step(s, target, data_iterator)
+            except Exception as e:  # unreadable: try the previous one
+                errors.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
+                failed.append(s)
+                log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one", s, self.directory, e)
+                continue
+            if failed:  # only when an older step reads do we call the newer ones corrupt
+                log.warning("restored step %d after skipping unreadable steps: %s", s, "; ".join(errors))
+                for f in failed:
+                    self._move_aside(f)
+            return restored, s
+        raise CheckpointError(
+            f"no readable checkpoint in {self.directory} for this target (a different model "
+            f"config?); tried: " + "; ".join(errors)
+        )
+
+    def _restore_step(self, step: int, target: Any, data_iterator) -> Any:
+        target = jax.tree_util.tree_map(_as_abstract, target)
+        items = {"state": ocp.args.StandardRestore(target)}
+        if data_iterator is not None:
+            if not (self.directory / str(step) / "data").exists():
+                raise CheckpointError(f"checkpoint step {step} has no data-iterator state")
+            items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        state = restored["state"]
+        bad = [
+            jax.tree_util.keystr(path)
+            for (path, x), t in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree_util.tree_leaves(target))
+            if tuple(x.shape) != tuple(t.shape)
+        ]
+        if bad:
+            raise CheckpointError(f"step {step}: shapes differ from the target at {bad[:5]}")
+        return state
+
+    def _move_aside(self, step: int) -> None:
+        if jax.process_index() != 0:
+            return
+        src = self.directory / str(step)
+        if src.exists():
+            dst = self.directory / f"{step}.corrupt"
+            if dst.exists():
+                shutil.rmtree(dst)
+            src.rename(dst)
+        self._manager.reload()
+
+
+def _as_abstract(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+
+def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying `shardings`: the restore target for another (or this) mesh."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings
+    )
+
+
+def check_finite(metrics: Mapping[str, Any], step: int, keys=("loss", "grad_norm")) -> None:
+    """Raises NonFiniteError naming the step and value when a metric is NaN or inf."""
+    for k in keys:
+        if k in metrics:
+            v = float(np.asarray(jax.device_get(metrics[k])))
+            if not math.isfinite(v):
+                raise NonFiniteError(
+                    f"{k} is {v} at step {step}; stopping. The last good checkpoint is kept "
+                    f"(lower the learning rate or check the data, then resume)"
+                )
+
+
+class PreemptionHandler:
+    """Context manager: SIGTERM (and optionally SIGINT) sets `.requested` instead of killing."""
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.signals = tuple(signals)
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        log.warning("received signal %d: will checkpoint and stop", signum)
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+    def should_stop(self) -> bool:
+        """The flag, agreed across processes (any process preempted -> all stop)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+        return bool(np.asarray(flags).any())

@@ -1,0 +1,211 @@
+"""The masked-token training step (Muse 2.6): optimizer, state, loss, and `make_train_step`.
+
+    tx = make_optimizer(config.train)
+    state = create_state(...)                       # see loop.py (sharded init via partitioning)
+    train_step = make_train_step(config, model, mesh, shardings, empty_text=...)
+    state, metrics = train_step(state, batch, rng)  # jitted, named shardings, donated state
+
+Per example: a mask rate from the schedule (cosine -> truncated arccos), at least one token
+masked; the masked positions get [MASK]; the loss is cross entropy (optionally label smoothed)
+on the masked tokens only. With probability `text_drop_rate` an example's caption is replaced
+by the empty prompt, so the model also learns the unconditional distribution (guidance).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from muse_jax import masking
+from muse_jax.models import transformer as transformer_lib
+from muse_jax.training import partitioning
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """step, params, optimizer state, and EMA params (None when EMA is off)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any = None
+
+
+def learning_rate_schedule(train_config) -> optax.Schedule:
+    """Linear warmup to `lr`, cosine decay to `lr * end_lr_fraction` at `num_steps`."""
+    t = train_config
+    warmup = max(0, min(int(t.warmup_steps), int(t.num_steps) - 1))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=float(t.lr), warmup_steps=warmup,
+        decay_steps=max(int(t.num_steps), warmup + 1), end_value=float(t.lr) * float(t.end_lr_fraction),
+    )
+
+
+def _decay_mask(params):
+    """Weight decay on matrices only (not biases, norms' scales)."""
+    return jax.tree_util.tree_map(lambda x: getattr(x, "ndim", 0) >= 2, params)
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+    """Gradient clipping + AdamW (the paper's b1 0.9, b2 0.96, wd 0.045) or Adafactor."""
+    t = train_config
+    schedule = learning_rate_schedule(t)
+    if t.optimizer == "adamw":
+        opt = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=_decay_mask)
+    elif t.optimizer == "adafactor":
+        opt = optax.adafactor(schedule, decay_rate=t.b2, weight_decay_rate=t.weight_decay or None,
+                              weight_decay_mask=_decay_mask)
+    else:
+        raise ValueError(f"unknown optimizer {t.optimizer!r}; expected 'adamw' or 'adafactor'")
+    chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip and t.grad_clip > 0 else []
+    return optax.chain(*chain, opt)
+
+
+def create_state(model, tx, rng, inputs, ema: bool = False) -> TrainState:
+    """A fresh TrainState with boxed params (use under jax.eval_shape / jit + nn.unbox)."""
+    boxed = transformer_lib.init_params(model, rng, inputs)
+    params = nn.unbox(boxed)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=boxed,
+        opt_state=tx.init(params),
+        ema_params=jax.tree_util.tree_map(jnp.copy, boxed) if ema else None,
+    )
+
+
+def masked_cross_entropy(logits, targets, mask, label_smoothing: float = 0.0):
+    """(loss, accuracy) over masked positions only. logits [B,N,K] f32, targets/mask [B,N]."""
+    k = logits.shape[-1]
+    labels = jax.nn.one_hot(targets, k, dtype=jnp.float32)
+    if label_smoothing > 0:
+        labels = optax.smooth_labels(labels, label_smoothing)
+    ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
+    w = mask.astype(jnp.float32)
+    denom = jnp.maximum(w.sum(), 1.0)
+    loss = (ce * w).sum() / denom
+    acc = ((jnp.argmax(logits, -1) == targets).astype(jnp.float32) * w).sum() / denom
+    return loss, acc
+
+
+def make_loss_fn(config, model, empty_text: dict[str, jax.Array] | None = None) -> Callable:
+    """loss_fn(params, batch, rng) -> (loss, aux); batch as produced by the data pipeline.
+
+    batch: tokens [B, N] int32, text_ids [B, L] (joint T5) or text_emb [B, L, D] (cached),
+    text_mask [B, L] bool, and for super-res lowres_tokens [B, n]. `empty_text` holds the
+    empty prompt's `text_ids`/`text_emb` and `text_mask` [L] used for dropped captions.
+    """
+    t = config.train
+    mask_id = model.mask_token_id
+    text_key = "text_ids" if model.text_encoder_config is not None else "text_emb"
+
+    def loss_fn(params, batch, rng):
+        mask_rng, drop_rng, dropout_rng = jax.random.split(rng, 3)
+        tokens = batch["tokens"].astype(jnp.int32)
+        inputs, mask = masking.mask_tokens(mask_rng, tokens, mask_id, t.mask_schedule)
+        text, text_mask = batch[text_key], batch["text_mask"]
+        if t.text_drop_rate > 0:
+            if empty_text is None:
+                raise ValueError("text_drop_rate > 0 needs the empty prompt (empty_text)")
+            drop = jax.random.bernoulli(drop_rng, t.text_drop_rate, (tokens.shape[0],))
+            e = empty_text[text_key].astype(text.dtype)
+            text = jnp.where(drop.reshape((-1,) + (1,) * (text.ndim - 1)), e[None], text)
+            text_mask = jnp.where(drop[:, None], empty_text["text_mask"][None], text_mask)
+        model_inputs = {"tokens": inputs, text_key: text, "text_mask": text_mask}
+        if model.config.is_superres:
+            model_inputs["lowres_tokens"] = batch["lowres_tokens"].astype(jnp.int32)
+        logits = transformer_lib.apply(
+            model, params, model_inputs, deterministic=False, rngs={"dropout": dropout_rng}
+        )
+        loss, acc = masked_cross_entropy(logits, tokens, mask, t.label_smoothing)
+        return loss, {"accuracy": acc, "mask_rate": mask.astype(jnp.float32).mean()}
+
+    return loss_fn
+
+
+def make_train_step(config, model, mesh, state_shardings, *, empty_text=None, rules=None, batch_keys=None):
+    """A jitted `(state, batch, rng) -> (state, metrics)` with named shardings, donated state.
+
+    `state_shardings` is the TrainState of NamedShardings (partitioning.state_shardings);
+    the batch is sharded along the rules' batch axes, metrics are replicated. The returned
+    callable enters the mesh and the logical-axis rules around the call (for activation
+    constraints); `.jitted` is the bare jitted function.
+    """
+    rules = partitioning.logical_rules(config) if rules is None else rules
+    t = config.train
+    loss_fn = make_loss_fn(config, model, empty_text)
+    schedule = learning_rate_schedule(t)
+    tx = make_optimizer(t)
+
+    def step(state: TrainState, batch, rng):
+        rng = jax.random.fold_in(rng, state.step)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            d = float(t.ema_decay)
+            ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+        metrics = {
+            "loss": loss,
+            "accuracy": aux["accuracy"],
+            "mask_rate": aux["mask_rate"],
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state.step),
+        }
+        return TrainState(state.step + 1, params, opt_state, ema), metrics
+
+    batch_sh = None
+    if batch_keys is not None:
+        batch_sh = {k: partitioning.batch_sharding(mesh, rules, nd) for k, nd in batch_keys.items()}
+    replicated = NamedSharding(mesh, P())
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sh, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+    def run(state, batch, rng):
+        with partitioning.axis_rules(mesh, rules):
+            return jitted(state, batch, rng)
+
+    run.jitted = jitted
+    run.mesh = mesh
+    run.rules = rules
+    return run
+
+
+def forward_flops(model, params_abstract, inputs_abstract) -> float:
+    """Model FLOPs of one forward pass (XLA cost analysis; no rematerialisation counted)."""
+
+    def fwd(params, inputs):
+        return transformer_lib.apply(model, params, inputs, deterministic=True)
+
+    try:
+        cost = jax.jit(fwd).lower(params_abstract, inputs_abstract).cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0]
+        return float(cost.get("flops", 0.0))
+    except Exception:  # cost analysis is best effort
+        return 0.0
+
+
+PEAK_FLOPS = {  # dense bf16 peak per device, for MFU
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops_per_device(train_config) -> float:
+    """`peak_flops_per_device` from config, else a table by device kind; 0 when unknown (CPU)."""
+    if train_config.get("peak_flops_per_device", 0):
+        return float(train_config.peak_flops_per_device)
+    kind = jax.devices()[0].device_kind
+    for k, v in PEAK_FLOPS.items():
+        if kind.startswith(k):
+            return v
+    return 0.0

@@ -1,0 +1,140 @@
+"""Metrics to TensorBoard (tensorboardX, no TensorFlow) and the console; a progress bar.
+
+How to use:
+    writer = MetricWriter(workdir / "tb")          # only process 0 writes; others are no-ops
+    writer.write_hparams({"lr": 1e-4})
+    for step in progress(range(start, num_steps), initial=start, total=num_steps, desc="vqgan"):
+        ...
+        writer.write_scalars(step, {"loss": loss, "lr": lr})      # also printed to the console
+        writer.write_images(step, {"samples": uint8_images_NHWC})
+    writer.close()
+
+The interface mirrors `clu.metric_writers` (write_scalars, write_images, write_hparams, flush,
+close), which cannot be imported without TensorFlow. Accumulate with `clu.metrics` and pass
+the computed values here. `console=False` keeps scalars off the console (e.g. under a tqdm bar,
+use `progress_bar.set_postfix` instead); `console_every` prints only every N-th call.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Iterable, Mapping
+
+import jax
+import numpy as np
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.4e}"
+
+
+class MetricWriter:
+    """TensorBoard event files under `logdir` plus console lines; no-op on processes other than 0."""
+
+    def __init__(self, logdir: str | pathlib.Path, *, console: bool = True, console_every: int = 1):
+        self.active = jax.process_index() == 0
+        self.console = console
+        self.console_every = max(1, int(console_every))
+        self._calls = 0
+        self._tb = None
+        if self.active:
+            from tensorboardX import SummaryWriter
+
+            pathlib.Path(logdir).mkdir(parents=True, exist_ok=True)
+            self._tb = SummaryWriter(str(logdir))
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """One TensorBoard scalar per key; one console line `step N | k=v ...`."""
+        if not self.active:
+            return
+        values = {k: float(np.asarray(v)) for k, v in scalars.items()}
+        for k, v in values.items():
+            self._tb.add_scalar(k, v, int(step))
+        self._calls += 1
+        if self.console and (self._calls - 1) % self.console_every == 0:
+            line = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+            _print(f"step {int(step)} | {line}")
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        """Images uint8 [H,W,C] or [N,H,W,C] (a batch is tiled into one grid)."""
+        if not self.active:
+            return
+        for k, img in images.items():
+            img = np.asarray(img)
+            if img.ndim == 4:
+                img = image_grid(img)
+            if img.dtype != np.uint8:
+                raise ValueError(f"image {k!r}: expected uint8, got {img.dtype}")
+            self._tb.add_image(k, img, int(step), dataformats="HWC")
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        """Text summaries (e.g. the prompts of sample images)."""
+        if not self.active:
+            return
+        for k, t in texts.items():
+            self._tb.add_text(k, str(t), int(step))
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Hyperparameters (flattened, non-scalar values as strings)."""
+        if not self.active:
+            return
+        flat = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(hparams).items()
+        }
+        self._tb.add_hparams(flat, {}, name=".")
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) or hasattr(v, "items") and not isinstance(v, (str, bytes)):
+            out.update(_flatten(dict(v.items()), f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+    """[N,H,W,C] -> one [rows*H, cols*W, C] image (padded with black)."""
+    n, h, w, c = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, c), images.dtype)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = img
+    return grid
+
+
+def _print(msg: str) -> None:
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(msg)  # keeps an active progress bar intact
+    except ImportError:  # pragma: no cover
+        print(msg, flush=True)
+
+
+def progress(iterable: Iterable | None = None, *, disable: bool | None = None, **kwargs):
+    """A tqdm bar on process 0 (disabled elsewhere); kwargs go to tqdm (total, initial, desc)."""
+    from tqdm import tqdm
+
+    if disable is None:
+        disable = jax.process_index() != 0
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("mininterval", 1.0)
+    return tqdm(iterable, disable=disable, **kwargs)

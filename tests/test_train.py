@@ -1,0 +1,172 @@
+"""Training: loss falls, sharded meshes match one device, exact resume, fallback, guards."""
+import json
+import os
+import pathlib
+import re
+import signal
+import tempfile
+
+import jax
+import numpy as np
+import pytest
+
+from _multidevice import run_with_devices
+from muse_jax.config import load_config
+from muse_jax.training import checkpoint as ckpt_lib
+from muse_jax.training import loop
+
+TINY = [
+    "--config.base.codebook_size=64", "--config.base.grid_size=4", "--config.base.num_layers=1",
+    "--config.base.width=32", "--config.base.mlp_dim=64", "--config.base.num_heads=4", "--config.base.text_dim=32",
+    "--config.superres.codebook_size=64", "--config.superres.grid_size=4", "--config.superres.lowres_grid_size=2",
+    "--config.superres.num_lowres_layers=1", "--config.superres.num_layers=1", "--config.superres.width=32",
+    "--config.superres.mlp_dim=64", "--config.superres.num_heads=4", "--config.superres.text_dim=32",
+    "--config.text.max_length=8", "--config.text.encoder.vocab_size=32", "--config.text.encoder.d_model=32",
+    "--config.text.encoder.d_kv=8", "--config.text.encoder.d_ff=32", "--config.text.encoder.num_layers=1",
+    "--config.text.encoder.num_heads=4", "--config.train.batch_size=8", "--config.train.warmup_steps=2",
+    "--config.train.log_every=1", "--config.train.sample_every=0", "--config.train.lr=3e-3",
+    "--config.train_superres.batch_size=8",
+]
+
+
+CACHE = pathlib.Path(tempfile.gettempdir()) / f"muse_jax_test_xla_cache_{os.getuid()}"
+
+
+def tiny_config(*extra):
+    # One persistent XLA cache for these tests: identical steps (resume runs) compile once.
+    return load_config("shapes", TINY + [f"--config.train.compilation_cache_dir={CACHE}", *extra])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_jax_cache_config():
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    yield
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
+def _data(config, stage="base"):
+    return loop.synthetic_stage_data(config, stage, num=64, text_length=8)
+
+
+def _params(result):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(result["state"].params))]
+
+
+def test_loss_decreases_on_both_stages(tmp_path):
+    for stage in ("base", "superres"):
+        cfg = tiny_config("--config.train.num_steps=40", "--config.train.checkpoint_every=100", "--config.train.lr=1e-2",
+                          "--config.train_superres.num_steps=40")
+        r = loop.train_stage(cfg, tmp_path / stage, stage, data=_data(cfg, stage), quiet=True)
+        losses = [r["losses"][s] for s in range(1, 41)]
+        assert r["final_step"] == 40 and r["status"] == "done"
+        assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), (stage, losses)
+    assert (tmp_path / "superres" / "superres" / "checkpoints" / "40").is_dir()
+
+
+def test_resume_equals_uninterrupted_and_corrupt_newest_falls_back(tmp_path):
+    cfg = tiny_config("--config.train.num_steps=6", "--config.train.checkpoint_every=3")
+    full = loop.train_stage(cfg, tmp_path / "full", "base", data=_data(cfg), quiet=True)
+    first = loop.train_stage(cfg, tmp_path / "resumed", "base", data=_data(cfg), stop_at=3, quiet=True)
+    assert first["final_step"] == 3
+    resumed = loop.train_stage(cfg, tmp_path / "resumed", "base", data=_data(cfg), quiet=True)
+    assert resumed["final_step"] == 6 and sorted(resumed["losses"]) == [4, 5, 6]
+    for s in (4, 5, 6):
+        assert resumed["losses"][s] == full["losses"][s]
+    for a, b in zip(_params(full), _params(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+    # Corrupt the newest checkpoint (6): training falls back to 3 and redoes 4..6 identically.
+    ck_dir = tmp_path / "resumed" / "base" / "checkpoints"
+    for f in (ck_dir / "6" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\0garbage")
+    again = loop.train_stage(cfg, tmp_path / "resumed", "base", data=_data(cfg), quiet=True)
+    assert sorted(again["losses"]) == [4, 5, 6] and (ck_dir / "6.corrupt").is_dir()
+    for a, b in zip(_params(full), _params(again)):
+        np.testing.assert_array_equal(a, b)
+
+    # load_stage reads the trained stage; a workdir without it is a clear error.
+    model, params, config = loop.load_stage(tmp_path / "full", "base")
+    assert model.mask_token_id == 64 and config.base.width == 32
+    with pytest.raises(FileNotFoundError, match="no trained superres stage"):
+        loop.load_stage(tmp_path / "full", "superres")
+
+
+def _trigger(monkeypatch, at_step, action):
+    """Makes the batch of step `at_step` NaN, or sends SIGTERM while it is prepared."""
+    calls = {"n": 0}
+    real = loop.partitioning.shard_batch
+
+    def shard_batch(batch, mesh, rules=None):
+        calls["n"] += 1
+        if calls["n"] >= at_step and action == "nan":
+            batch = dict(batch, text_emb=np.full_like(batch["text_emb"], np.nan))
+        if calls["n"] == at_step and action == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(batch, mesh, rules)
+
+    monkeypatch.setattr(loop.partitioning, "shard_batch", shard_batch)
+
+
+def test_nan_stops_with_last_good_checkpoint_and_sigterm_checkpoints(tmp_path, monkeypatch):
+    # Frozen-text path (cached embeddings in the batch) with a stub embedding.
+    cfg = tiny_config("--config.train.num_steps=10", "--config.train.checkpoint_every=2",
+                      "--config.text.trainable=False")
+    _trigger(monkeypatch, 5, "nan")
+    with pytest.raises(ckpt_lib.NonFiniteError, match="loss is nan at step 5.*last good checkpoint: step 4"):
+        loop.train_stage(cfg, tmp_path / "nan", "base", data=_data(cfg), quiet=True)
+    assert ckpt_lib.Checkpointer(tmp_path / "nan" / "base" / "checkpoints").all_steps() == [2, 4]
+
+    monkeypatch.undo()
+    _trigger(monkeypatch, 5, "sigterm")
+    r = loop.train_stage(cfg, tmp_path / "term", "base", data=_data(cfg), quiet=True)
+    assert r["status"] == "preempted" and r["final_step"] == 5
+    assert ckpt_lib.Checkpointer(tmp_path / "term" / "base" / "checkpoints").all_steps() == [4, 5]
+
+
+def test_sharded_meshes_match_one_device_and_restore_onto_another_mesh(tmp_path):
+    code = """
+        import json, sys
+        import jax, numpy as np
+        sys.path.insert(0, TESTS_DIR)
+        from test_train import tiny_config, _data
+        from muse_jax.training import loop
+
+        def run(mesh, workdir, stop_at=None, devices=None):
+            cfg = tiny_config("--config.train.num_steps=3", "--config.train.checkpoint_every=2",
+                              f"--config.mesh.data={mesh[0]}", f"--config.mesh.fsdp={mesh[1]}",
+                              f"--config.mesh.tensor={mesh[2]}")
+            r = loop.train_stage(cfg, workdir, "base", data=_data(cfg), quiet=True, stop_at=stop_at, devices=devices)
+            leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(r["state"].params))
+            specs = {jax.tree_util.keystr(p): str(x.sharding.spec) for p, x in
+                     jax.tree_util.tree_leaves_with_path(r["state"].params)}
+            return r["losses"], {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}, specs
+
+        W = sys.argv[1]
+        ref_losses, ref, _ = run((1, 1, 1), W + "/one", devices=jax.devices()[:1])
+
+        def compare(losses, params, steps):
+            return {"loss": max(abs(losses[s] - ref_losses[s]) / abs(ref_losses[s]) for s in steps),
+                    "param": max(float(np.abs(params[k] - ref[k]).max() / (np.abs(ref[k]).max() + 1e-12))
+                                 for k in ref)}
+
+        out = {}
+        for name, mesh in {"dp": (8, 1, 1), "tp": (2, 1, 4)}.items():
+            losses, params, specs = run(mesh, W + "/" + name)
+            out[name] = dict(compare(losses, params, (1, 2, 3)), specs=sorted(set(specs.values())))
+        # FSDP for steps 1-2, then stop and resume on a (2, 2, 2) mesh for step 3.
+        losses12, _, specs = run((1, 8, 1), W + "/fsdp", stop_at=2)
+        losses3, params, _ = run((2, 2, 2), W + "/fsdp")
+        out["fsdp"] = dict(compare({**losses12, **losses3}, params, (1, 2, 3)), specs=sorted(set(specs.values())),
+                           steps=[sorted(losses12), sorted(losses3)])
+        print("RESULT" + json.dumps(out))
+    """
+    code = code.replace("sys.argv[1]", repr(str(tmp_path))).replace("TESTS_DIR", repr(str(pathlib.Path(__file__).parent)))
+    out = run_with_devices(code, timeout=600)
+    res = json.loads(out.split("RESULT", 1)[1])
+    for name in ("dp", "tp", "fsdp"):
+        assert res[name]["loss"] <= 1e-5 and res[name]["param"] <= 1e-5, (name, res[name])
+    assert any("fsdp" in s for s in res["fsdp"]["specs"])  # parameters really are sharded
+    assert any("tensor" in s for s in res["tp"]["specs"])
+    assert res["fsdp"]["steps"] == [[1, 2], [3]]  # the second half ran on the other mesh
