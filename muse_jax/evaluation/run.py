@@ -66,7 +66,7 @@ def _samples_grid(images: np.ndarray, prompts: Sequence[str], path: pathlib.Path
             rows.append(np.stack([images[i] for i in idx] + [np.full_like(images[0], 255)] * (per_group - len(idx))))
     PIL.Image.fromarray(export.image_grid(np.concatenate(rows), cols=per_group, scale=2)).save(path)
     path.with_suffix(".txt").write_text("".join(
-        f"{g}: " + " | ".join(p for p in prompts if alignment.prompt_group(p) == g][:per_group]) + "\n"
+        f"{g}: " + " | ".join([p for p in prompts if alignment.prompt_group(p) == g][:per_group]) + "\n"
         for g in GROUPS))
 
 

@@ -73,11 +73,6 @@ def lecam_penalty(real_logits, fake_logits, ema_real, ema_fake) -> jax.Array:
     return jnp.mean(jax.nn.relu(real_logits - ema_fake) ** 2) + jnp.mean(jax.nn.relu(ema_real - fake_logits) ** 2)
 
 
-def adaptive_weight(rec_grad_norm: jax.Array, gan_grad_norm: jax.Array, max_weight: float = 1e4) -> jax.Array:
-    """Taming's balance of the GAN loss: ||grad rec|| / ||grad gan|| at the last layer."""
-    return jax.lax.stop_gradient(jnp.clip(rec_grad_norm / (gan_grad_norm + 1e-4), 0.0, max_weight))
-
-
 # ---------------------------------------------------------------------------------------
 # Perceptual (LPIPS-style distance over VGG16 features)
 # ---------------------------------------------------------------------------------------
