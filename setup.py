@@ -36,6 +36,8 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "protobuf==7.36.2",
     "tqdm==4.70.1",
+    # Workdir paths that may be bucket URIs (muse_jax/paths.py); the version orbax resolves.
+    "etils[epath]==1.15.0",
     "matplotlib==3.11.2",
 ]
 
@@ -50,6 +52,10 @@ EXTRAS_REQUIRE = {
         "diffusers==0.42.1",  # VQModel for the VQGAN parity test.
         "safetensors==0.8.0",
     ],
+    # gs:// workdirs (launch/tpu_pod.sh): etils.epath reads/writes gs:// through fsspec's gcsfs,
+    # which also brings google-cloud-storage (used by orbax and tensorboardX for gs://).
+    # 2026.10.1 needs fsspec>=2026.9.0, the fsspec this stack installs.
+    "gcs": ["gcsfs==2026.10.1"],
 }
 
 setup(

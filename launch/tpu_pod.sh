@@ -6,9 +6,9 @@
 #       muse-jax train --config configs/muse_3b.py --workdir gs://my-bucket/muse_3b \
 #       --config.mesh.data=1 --config.mesh.fsdp=-1
 #
-# --setup first copies this checkout to every worker (gcloud scp of a tarball) and pip-installs it
-# with jax[tpu]. The command runs with --config.distributed.cluster=tpu appended when it is a
-# `muse-jax` command: every worker calls jax.distributed.initialize() and the TPU runtime gives
+# --setup copies this checkout to every worker (gcloud scp of a tarball) and pip-installs it with
+# jax[tpu] and the gcs extra (gcsfs). The command runs with --config.distributed.cluster=tpu added
+# when it is a `muse-jax` command: every worker calls jax.distributed.initialize(), the TPU gives
 # the process count and index. The workdir must be on a bucket (gs://...) that all workers see:
 # checkpoints are written cooperatively by all processes, logs and images by process 0 only.
 # Failure: when a worker dies the others abort (heartbeat timeout); rerun the same command to
@@ -45,7 +45,7 @@ if [[ $setup -eq 1 ]]; then
   tar -C "$here" --exclude=.git --exclude='*.egg-info' --exclude=.venv -czf "$tarball" .
   gcloud compute tpus tpu-vm scp "$tarball" "$tpu:~/muse_jax.tar.gz" --zone "$zone" "${project[@]}" --worker=all
   ssh --command "mkdir -p ~/$repo && tar -C ~/$repo -xzf ~/muse_jax.tar.gz && \
-    pip install -q 'jax[tpu]' -e ~/$repo"
+    pip install -q 'jax[tpu]' -e ~/$repo'[gcs]'"
 fi
 printf -v quoted '%q ' "${cmd[@]}"
 ssh --command "cd ~/$repo && PATH=\$HOME/.local/bin:\$PATH $quoted"

@@ -40,9 +40,13 @@ def _train_tokenizer(args, overrides):
     from muse_jax.training import train_tokenizer
 
     cfg = config_lib.load_config(args.config, overrides)
+    from muse_jax import distributed
+
+    distributed.initialize(cfg)  # multi-host, as for `train` (no-op for one process)
     result = train_tokenizer.train(cfg, args.workdir)
     print(
         f"tokenizer eval on {result['num_images']} test images: psnr={result['psnr']:.2f} dB "
+        f"(32 px: {result['psnr_lowres']:.2f} dB) "
         f"usage={result['usage']:.1%} perplexity={result['perplexity']:.1f} "
         f"palette_acc={result['palette_acc']:.4f} ({result['train_seconds']:.0f}s training)"
     )

@@ -44,5 +44,7 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
 
 
 def save_config(config: ml_collections.ConfigDict, path: str | pathlib.Path) -> None:
-    """Writes the config as readable JSON (the workdir's record of how it was made)."""
-    pathlib.Path(path).write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    """Writes the config as readable JSON (the workdir's record of how it was made); a local path or a URI."""
+    from muse_jax import paths
+
+    paths.as_path(path).write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")

@@ -194,7 +194,9 @@ class Pipeline:
     @classmethod
     def from_workdir(cls, workdir, mesh=None, **overrides) -> "Pipeline":
         """Loads W's image tokenizer and trained stages; `overrides` replace `config.sample` keys."""
-        workdir = pathlib.Path(workdir)
+        from muse_jax import paths
+
+        workdir = paths.as_path(workdir)  # local or a bucket URI (gs://...)
         if not workdir.is_dir():
             raise FileNotFoundError(f"workdir {workdir} does not exist")
         config = load_workdir_config(workdir)
@@ -378,7 +380,9 @@ class Pipeline:
 
 def load_workdir_config(workdir) -> ml_collections.ConfigDict:
     """W/config.json if present (written by training), else the embedded shapes default."""
-    path = pathlib.Path(workdir) / "config.json"
+    from muse_jax import paths
+
+    path = paths.as_path(workdir) / "config.json"
     if path.is_file():
         try:
             return ml_collections.ConfigDict(json.loads(path.read_text()))

@@ -95,7 +95,8 @@ def write_report(workdir: pathlib.Path, cfg, ev: dict, timings: dict) -> pathlib
         "", f"In-domain FID (shapes features) against 1000 test images: {gen['fid_shapes']:.2f}; "
         f"sampling {gen['sec_per_image'] * 1000:.0f} ms per image (after compilation).", "",
         "## Tokenizer", "",
-        f"PSNR {tok['psnr']:.2f} dB, SSIM {tok['ssim']:.4f}, reconstruction FID (shapes features) "
+        f"PSNR {tok['psnr']:.2f} dB (at the base stage's 32 px: {tok.get('psnr_lowres', float('nan')):.2f} dB), "
+        f"SSIM {tok['ssim']:.4f}, reconstruction FID (shapes features) "
         f"{tok['rfid_shapes']:.2f}, codebook usage {_pct(tok['codebook']['fraction_used'])} "
         f"(perplexity {tok['codebook']['perplexity']:.1f}) on {tok['num_images']} test images.", "",
         "## Time", "",
@@ -140,7 +141,7 @@ def run(workdir: str, config_spec: str = "shapes", overrides=()) -> pathlib.Path
 
     t = _stage("2/5 image tokenizer (VQGAN)")
     tok = train_tokenizer.train(cfg, workdir)
-    print(f"tokenizer: psnr {tok['psnr']:.2f} dB, codebook usage {tok['usage']:.1%}")
+    print(f"tokenizer: psnr {tok['psnr']:.2f} dB (32 px: {tok['psnr_lowres']:.2f} dB), codebook usage {tok['usage']:.1%}")
     timings["tokenizer"] = time.time() - t
 
     t = _stage("3/5 text encoder + base and super-resolution transformers")
@@ -154,7 +155,8 @@ def run(workdir: str, config_spec: str = "shapes", overrides=()) -> pathlib.Path
     t = _stage("5/5 evaluation")
     q = cfg.quickstart
     ev = eval_run.run(workdir, workdir / "eval", num_prompts=q.eval_prompts, sweep_steps=tuple(q.sweep_steps),
-                      sweep_guidance=tuple(q.sweep_guidance), sweep_prompts=q.sweep_prompts)
+                      sweep_guidance=tuple(q.sweep_guidance), sweep_prompts=q.sweep_prompts,
+                      num_tokenizer_images=q.tokenizer_images, num_detector_images=q.detector_images)
     timings["evaluation"] = time.time() - t
     timings["total"] = time.time() - t_all
     path = write_report(workdir, cfg, ev, timings)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import pathlib
+import uuid
 import warnings
 from typing import Callable, Iterable, Sequence
 
@@ -39,7 +40,9 @@ class TextTokenizer:
     def __init__(self, model_path: str | os.PathLike, max_length: int):
         if int(max_length) < 1:
             raise ValueError(f"max_length must be >= 1 (room for EOS), got {max_length}")
-        path = pathlib.Path(model_path)
+        from muse_jax import paths
+
+        path = paths.as_path(model_path)  # local or a URI (gs://...)
         if not path.is_file():
             raise FileNotFoundError(f"sentencepiece model {path} does not exist")
         self.model_path = str(path)
@@ -123,11 +126,13 @@ def train_sentencepiece(
         character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
         minloglevel=2,
     )
-    path = pathlib.Path(path)
+    from muse_jax import paths
+
+    path = paths.as_path(path)  # local or a URI (gs://...)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")  # processes may share a bucket
     tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    tmp.replace(path)
     return path
 
 
@@ -137,7 +142,9 @@ def workdir_tokenizer(
     """The workdir's tokenizer: `text_config.spm_model` if set, else W/text/spm.model, trained
     from `captions()` (a callable, only called when training is needed) if absent."""
     spm_model = text_config.get("spm_model", "") if hasattr(text_config, "get") else ""
-    path = pathlib.Path(spm_model) if spm_model else pathlib.Path(workdir) / SPM_RELATIVE_PATH
+    from muse_jax import paths
+
+    path = paths.as_path(spm_model) if spm_model else paths.as_path(workdir) / SPM_RELATIVE_PATH
     if not path.is_file():
         if spm_model:
             raise FileNotFoundError(f"config.text.spm_model={spm_model} does not exist")

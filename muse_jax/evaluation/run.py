@@ -42,8 +42,16 @@ def evaluate_tokenizer(workdir: pathlib.Path, config, num: int, inception_variab
         t = np.asarray(tok.encode(images[start:start + 64]))
         tokens.append(t)
         recons.append(np.asarray(tok.decode(t)))
-    return report.evaluate_tokenizer(images, np.concatenate(recons), np.concatenate(tokens), tok.codebook_size,
-                                     inception_variables=inception_variables)
+    result = report.evaluate_tokenizer(images, np.concatenate(recons), np.concatenate(tokens), tok.codebook_size,
+                                       inception_variables=inception_variables)
+    # The base stage's resolution: images area-downsampled by 2 (as the token cache makes them).
+    from muse_jax import editing
+    from muse_jax.evaluation import metrics
+
+    low = editing.downsample_area(images, 2)
+    low_rec = np.concatenate([np.asarray(tok.decode(tok.encode(low[s:s + 64]))) for s in range(0, len(low), 64)])
+    result["psnr_lowres"] = float(np.mean(np.minimum(metrics.psnr(low, low_rec), 100.0)))
+    return result
 
 
 def _generate_and_score(pipe, prompts: Sequence[str], cache_dir: str, seed: int, overrides: dict,
@@ -73,6 +81,7 @@ def _samples_grid(images: np.ndarray, prompts: Sequence[str], path: pathlib.Path
 def run(workdir, out_dir, *, num_prompts: int = 200, seed: int = 0, steps: int | None = None,
         sr_steps: int | None = None, guidance: float | None = None, sweep_steps: Sequence[int] = (),
         sweep_guidance: Sequence[float] = (), sweep_prompts: int = 64, num_tokenizer_images: int = 500,
+        num_detector_images: int = 500,
         inception_path: str | None = None, quiet: bool = False) -> dict[str, Any]:
     """Evaluates workdir W at its default decoding settings (or the ones given); returns the report."""
     from muse_jax.pipeline import Pipeline, load_workdir_config
@@ -86,10 +95,10 @@ def run(workdir, out_dir, *, num_prompts: int = 200, seed: int = 0, steps: int |
 
     t0 = time.time()
     say("validating the shapes detector on real test images ...")
-    detector = report.validate_detector(num=500, seed=0, split="test")
+    detector = report.validate_detector(num=num_detector_images, seed=0, split="test")
     say("evaluating the tokenizer ...")
     tokenizer = evaluate_tokenizer(workdir, config, num_tokenizer_images, inception_variables)
-    say(f"  psnr {tokenizer['psnr']:.2f} dB, ssim {tokenizer['ssim']:.4f}, "
+    say(f"  psnr {tokenizer['psnr']:.2f} dB (32 px: {tokenizer['psnr_lowres']:.2f} dB), ssim {tokenizer['ssim']:.4f}, "
         f"codebook usage {tokenizer['codebook']['fraction_used']:.1%}")
 
     pipe = Pipeline.from_workdir(workdir)

@@ -47,6 +47,9 @@ class VQGANConfig:
     codebook_size: int = 8192
     code_dim: int = 256  # codebook vector size (== latent_channels unless quant_conv)
     norm_groups: int = 32
+    # "group": GroupNorm (the VQGAN papers'); "layer": per-position LayerNorm over channels, so a
+    # token depends only on its receptive field, not on statistics of the whole image.
+    norm: str = "group"
     in_channels: int = 3
     out_channels: int = 3
     beta: float = 0.25  # commitment loss weight
@@ -60,12 +63,19 @@ class VQGANConfig:
     def factor(self) -> int:
         return 2 ** (len(self.channels) - 1)
 
+    @property
+    def groups(self) -> int:
+        """`norm_groups` for GroupNorm; 0 selects the per-position LayerNorm (see `_norm`)."""
+        return self.norm_groups if self.norm == "group" else 0
+
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         if len(self.channels) < 1:
             raise ValueError("VQGANConfig.channels needs at least one width")
+        if self.norm not in ("group", "layer"):
+            raise ValueError(f"norm must be 'group' or 'layer', got {self.norm!r}")
         for c in (*self.channels, self.latent_channels):
-            if c % self.norm_groups:
+            if self.norm == "group" and c % self.norm_groups:
                 raise ValueError(f"channel width {c} is not divisible by norm_groups={self.norm_groups}")
         if not self.quant_conv and self.code_dim != self.latent_channels:
             raise ValueError(
@@ -114,7 +124,14 @@ def _conv(features: int, kernel: int, name: str, stride: int = 1, padding="SAME"
 
 
 def _norm(groups: int, name: str):
-    """GroupNorm in float32 (eps 1e-6, exact two-pass variance)."""
+    """GroupNorm in float32 (eps 1e-6, exact two-pass variance); groups=0: per-position LayerNorm."""
+    if groups == 0:
+        return nn.LayerNorm(
+            epsilon=1e-6, dtype=jnp.float32, use_fast_variance=False,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("conv_out",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+            name=name,
+        )
     return nn.GroupNorm(
         num_groups=groups,
         epsilon=1e-6,
@@ -198,15 +215,15 @@ class Encoder(nn.Module):
         x = _conv(cfg.channels[0], 3, "conv_in", dtype=dtype)(x.astype(dtype))
         for i, ch in enumerate(cfg.channels):
             for j in range(cfg.num_res_blocks):
-                x = ResBlock(ch, cfg.norm_groups, dtype, name=f"down_{i}_res_{j}")(x)
+                x = ResBlock(ch, cfg.groups, dtype, name=f"down_{i}_res_{j}")(x)
             if i < len(cfg.channels) - 1:
                 if cfg.downsample == "conv":
                     x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
                     x = _conv(ch, 3, f"down_{i}_downsample", stride=2, padding="VALID", dtype=dtype)(x)
                 else:
                     x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-        x = MidBlock(cfg.channels[-1], cfg.norm_groups, cfg.mid_attention, dtype, name="mid")(x)
-        x = nn.swish(_norm(cfg.norm_groups, "norm_out")(x)).astype(dtype)
+        x = MidBlock(cfg.channels[-1], cfg.groups, cfg.mid_attention, dtype, name="mid")(x)
+        x = nn.swish(_norm(cfg.groups, "norm_out")(x)).astype(dtype)
         return _conv(cfg.latent_channels, 3, "conv_out", dtype=dtype)(x)
 
 
@@ -219,14 +236,14 @@ class Decoder(nn.Module):
     def __call__(self, x):
         cfg, dtype = self.config, jnp.dtype(self.config.dtype)
         x = _conv(cfg.channels[-1], 3, "conv_in", dtype=dtype)(x.astype(dtype))
-        x = MidBlock(cfg.channels[-1], cfg.norm_groups, cfg.mid_attention, dtype, name="mid")(x)
+        x = MidBlock(cfg.channels[-1], cfg.groups, cfg.mid_attention, dtype, name="mid")(x)
         for i, ch in enumerate(reversed(cfg.channels)):
             for j in range(cfg.num_res_blocks + 1):
-                x = ResBlock(ch, cfg.norm_groups, dtype, name=f"up_{i}_res_{j}")(x)
+                x = ResBlock(ch, cfg.groups, dtype, name=f"up_{i}_res_{j}")(x)
             if i < len(cfg.channels) - 1:
                 x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
                 x = _conv(ch, 3, f"up_{i}_upsample", dtype=dtype)(x)
-        x = nn.swish(_norm(cfg.norm_groups, "norm_out")(x)).astype(dtype)
+        x = nn.swish(_norm(cfg.groups, "norm_out")(x)).astype(dtype)
         return _conv(cfg.out_channels, 3, "conv_out", dtype=dtype)(x).astype(jnp.float32)
 
 
@@ -582,8 +599,10 @@ class ImageTokenizer:
 
     @classmethod
     def from_dir(cls, directory, step: int | None = None, mesh=None) -> "ImageTokenizer":
-        """Loads W/tokenizer: config.json plus the latest (or `step`) Orbax checkpoint."""
-        directory = pathlib.Path(directory)
+        """Loads W/tokenizer: config.json plus the latest (or `step`) Orbax checkpoint (local or gs://...)."""
+        from muse_jax import paths
+
+        directory = paths.as_path(directory)
         cfg_path = directory / CONFIG_FILE
         if not cfg_path.is_file():
             raise FileNotFoundError(
@@ -603,7 +622,9 @@ class ImageTokenizer:
     @classmethod
     def from_workdir(cls, workdir, step: int | None = None, mesh=None) -> "ImageTokenizer":
         """Loads the tokenizer trained in workdir W (W/tokenizer)."""
-        return cls.from_dir(pathlib.Path(workdir) / TOKENIZER_SUBDIR, step=step, mesh=mesh)
+        from muse_jax import paths
+
+        return cls.from_dir(paths.as_path(workdir) / TOKENIZER_SUBDIR, step=step, mesh=mesh)
 
 
 def load_diffusers_dir(path, image_size: int = 256, **overrides):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import pathlib
-import shutil
 import signal
 import threading
 from typing import Any, Mapping
@@ -36,6 +35,8 @@ import grain.python as grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from muse_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ class Checkpointer:
     ):
         if save_every < 1:
             raise ValueError(f"save_every={save_every}: must be >= 1")
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = paths.as_path(directory)  # a local path or a URI (gs://...), see muse_jax.paths
+        if not paths.is_remote(self.directory):
+            self.directory = self.directory.absolute()
         self.save_every = int(save_every)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -172,7 +175,7 @@ class Checkpointer:
         if src.exists():
             dst = self.directory / f"{step}.corrupt"
             if dst.exists():
-                shutil.rmtree(dst)
+                paths.rmtree(dst)
             src.rename(dst)
         self._manager.reload()
 

@@ -14,6 +14,8 @@ Workdir layout written here:
   W/<stage>/checkpoints/<step>/  Orbax: TrainState + grain iterator state
   W/<stage>/tb/                  TensorBoard events
   W/<stage>/samples/step_N.png   sample previews
+W may be a bucket URI (gs://...; see muse_jax.paths): everything above is written there, while
+the tfds dataset and the frozen-T5 text cache (local files by nature) go to paths.local_dir(W).
 `load_stage(W, stage)` returns (model, params, config) for samplers.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from muse_jax import config as config_lib
+from muse_jax import paths
 from muse_jax.data import pipeline
 from muse_jax.models import transformer as transformer_lib
 from muse_jax.training import checkpoint as ckpt_lib
@@ -88,14 +91,15 @@ def build_token_cache(config, workdir: pathlib.Path, split: str = "train", batch
     """Tokens of every `split` image (64 px -> hi, 32 px -> lo) and captions, computed once."""
     from muse_jax.models import vqgan
 
+    workdir = paths.as_path(workdir)
     cache = workdir / "cache"
     path, cap_path = cache / f"tokens_{split}.npz", cache / f"captions_{split}.json"
     tok_dir = workdir / vqgan.TOKENIZER_SUBDIR
-    source = pipeline.make_source(config.data, split, workdir / "data")
+    source = pipeline.make_source(config.data, split, paths.local_dir(workdir, "data"))
     stamp = {"num": len(source), "data": config.data.to_dict(),
              "tokenizer": sorted(p.name for p in (tok_dir / "checkpoints").glob("[0-9]*"))}
     if path.is_file() and cap_path.is_file():
-        with np.load(path) as z:
+        with path.open("rb") as f, np.load(f) as z:
             if json.loads(str(z["stamp"])) == stamp:
                 return {"hi": z["hi"], "lo": z["lo"], "captions": json.loads(cap_path.read_text())}
     tokenizer = vqgan.ImageTokenizer.from_workdir(workdir)
@@ -112,8 +116,9 @@ def build_token_cache(config, workdir: pathlib.Path, split: str = "train", batch
             captions[int(i)] = str(c)
     hi, lo = np.concatenate(hi), np.concatenate(lo)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".tokens_{split}.tmp.npz"
-    np.savez(tmp, hi=hi, lo=lo, stamp=json.dumps(stamp))
+    tmp = cache / f".tokens_{split}.tmp-{jax.process_index()}.npz"  # processes may share a bucket
+    with tmp.open("wb") as f:
+        np.savez(f, hi=hi, lo=lo, stamp=json.dumps(stamp))
     tmp.replace(path)
     cap_path.write_text(json.dumps(captions))
     log.info("token cache %s: %d images in %.1fs", path, n, time.time() - t0)
@@ -185,7 +190,7 @@ def frozen_text_embeddings(config, workdir: pathlib.Path, spm, captions):
         params = nn.unbox(jax.jit(encoder.init)(jax.random.key(int(config.seed)), ids)["params"])
     encode = text_lib.make_encode_fn(spm, encoder, params, batch_size=64)
     identity = text_cache.encoder_identity(tcfg.to_dict(), params, spm, int(config.text.max_length))
-    cache = text_cache.build_or_load(workdir / "cache" / "text", captions, encode, identity,
+    cache = text_cache.build_or_load(paths.local_dir(workdir, "cache", "text"), captions, encode, identity,
                                      dtype=config.text.get("cache_dtype", "float32"))
     empty_emb, empty_mask = encode([""])
     return cache, np.asarray(empty_emb, cache.embeddings.dtype), empty_mask
@@ -253,7 +258,7 @@ def state_setup(config, model, mesh, rules):
 
 
 def stage_dir(workdir, stage) -> pathlib.Path:
-    return pathlib.Path(workdir) / stage
+    return paths.as_path(workdir) / stage
 
 
 def load_stage(workdir, stage: str, *, step: int | None = None, use_ema: bool = True):
@@ -348,7 +353,7 @@ def train_stage(
     `stop_at` ends this run early at that step (as a preemption would), keeping the schedule
     of `config.train.num_steps`.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = paths.as_path(workdir)
     config = stage_config(config, stage)
     t = config.train
     out_dir = stage_dir(workdir, stage)
@@ -494,8 +499,9 @@ def _write_preview(model, state, data, rng, writer, out_dir, step):
     if jax.process_index() == 0:
         from PIL import Image
 
-        (out_dir / "samples").mkdir(exist_ok=True)
-        Image.fromarray(grid).save(out_dir / "samples" / f"step_{step}.png")
+        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        with (out_dir / "samples" / f"step_{step}.png").open("wb") as f:
+            Image.fromarray(grid).save(f, format="PNG")
 
 
 def train(config, workdir, stages=STAGES, quiet: bool = False) -> list[dict]:

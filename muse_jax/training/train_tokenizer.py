@@ -6,6 +6,7 @@ Workdir layout:
   W/tokenizer/checkpoints/<step> Orbax checkpoints (train state + data-iterator position)
   W/tokenizer/tb/                TensorBoard events
   W/tokenizer/eval.json          the final evaluation on the test split
+W may be a bucket URI (gs://...): the dataset then goes to a local folder (muse_jax.paths.local_dir).
 
 Losses (generator): rec_weight * L1|L2 + codebook + beta * commitment
   [+ perceptual_weight * LPIPS-style VGG distance] [+ adversarial_weight * GAN loss after
@@ -28,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from muse_jax import config as config_lib
+from muse_jax import config as config_lib, editing
+from muse_jax import paths
 from muse_jax.data import pipeline, shapes
 from muse_jax.models import discriminator as disc_lib
 from muse_jax.models import vqgan
@@ -207,10 +209,11 @@ def evaluate(tokenizer: vqgan.ImageTokenizer, loader, max_batches: int | None = 
     """Reconstructs the split in `loader` -> (metrics, (originals, reconstructions) of the first images).
 
     Metrics: psnr (dB, uint8 reconstructions), usage and perplexity of the codes over the
-    whole split, palette_acc and palette_images (see `palette_stats`).
+    whole split, palette_acc and palette_images (see `palette_stats`), and psnr_lowres (the
+    images area-downsampled by 2, as the base stage tokenizes them).
     """
     K = tokenizer.codebook_size
-    psnrs, counts = [], np.zeros(K, np.int64)
+    psnrs, psnrs_lo, counts = [], [], np.zeros(K, np.int64)
     solid = kept = good = n = 0
     samples = None
     for i, batch in enumerate(loader):
@@ -221,6 +224,10 @@ def evaluate(tokenizer: vqgan.ImageTokenizer, loader, max_batches: int | None = 
         rec, tokens = jax.device_get((tokenizer.decode(tokens), tokens))
         mse = ((rec.astype(np.float64) - images) ** 2).mean((1, 2, 3))
         psnrs.extend(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)))
+        lo = editing.downsample_area(images, 2)
+        rec_lo = np.asarray(jax.device_get(tokenizer.decode(tokenizer.encode(lo))))
+        mse = ((rec_lo.astype(np.float64) - lo) ** 2).mean((1, 2, 3))
+        psnrs_lo.extend(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)))
         counts += np.bincount(tokens.reshape(-1), minlength=K)
         s, k, g = palette_stats(images, rec)
         solid, kept, good, n = solid + s, kept + k, good + g, n + len(images)
@@ -230,6 +237,7 @@ def evaluate(tokenizer: vqgan.ImageTokenizer, loader, max_batches: int | None = 
     nz = p[p > 0]
     metrics = {
         "psnr": float(np.mean(psnrs)),
+        "psnr_lowres": float(np.mean(psnrs_lo)),
         "usage": float((counts > 0).mean()),
         "perplexity": float(np.exp(-(nz * np.log(nz)).sum())),
         "palette_acc": kept / max(solid, 1),
@@ -252,7 +260,7 @@ def _tcfg_from_meta(meta):
 
 def restore_params(directory, vcfg: vqgan.VQGANConfig, meta: dict, step: int | None = None):
     """The VQGAN params of the checkpoint in `directory`/checkpoints (latest or `step`)."""
-    directory = pathlib.Path(directory)
+    directory = paths.as_path(directory)
     try:
         tcfg, image_size = _tcfg_from_meta(meta), int(meta["image_size"])
     except (KeyError, TypeError, ValueError) as e:
@@ -281,13 +289,17 @@ def _image_batches(loader):
 
 def train(config, workdir, *, num_steps: int | None = None, quiet: bool = False) -> dict[str, float]:
     """Trains (or resumes) the tokenizer in W/tokenizer; returns the final test evaluation."""
-    workdir = pathlib.Path(workdir)
+    workdir = paths.as_path(workdir)
     tok_dir = workdir / vqgan.TOKENIZER_SUBDIR
     tok_dir.mkdir(parents=True, exist_ok=True)
     tcfg = config.train_tokenizer
     vcfg = vqgan.VQGANConfig.from_dict(config.vqgan)
     num_steps = tcfg.num_steps if num_steps is None else num_steps
     image_size = int(tcfg.image_size)
+    lowres_every = int(tcfg.get("lowres_every", 0))
+    if lowres_every and (image_size // 2) % vcfg.factor:
+        raise ValueError(f"train_tokenizer.lowres_every needs image_size / 2 = {image_size // 2} divisible by "
+                         f"the factor {vcfg.factor}")
     if image_size % vcfg.factor:
         raise ValueError(f"train_tokenizer.image_size={image_size} is not divisible by the factor {vcfg.factor}")
     meta = {"vqgan": vcfg.to_dict(), "train_tokenizer": tcfg.to_dict(), "image_size": image_size}
@@ -306,7 +318,7 @@ def train(config, workdir, *, num_steps: int | None = None, quiet: bool = False)
     rules = partitioning.logical_rules(config)
     partitioning.check_batch_divides(tcfg.batch_size, mesh, rules)
     local_batch = pipeline.per_process_batch_size(tcfg.batch_size)
-    train_source = pipeline.make_source(config.data, "train", workdir / "data")
+    train_source = pipeline.make_source(config.data, "train", paths.local_dir(workdir, "data"))
     loader = pipeline.make_loader(train_source, batch_size=local_batch, seed=config.data.shuffle_seed)
     it = iter(loader)
 
@@ -341,7 +353,11 @@ def train(config, workdir, *, num_steps: int | None = None, quiet: bool = False)
         bar = writer_lib.progress(range(start, num_steps), initial=start, total=num_steps, desc="tokenizer", disable=quiet or None)
         with ckpt_lib.PreemptionHandler() as preempt:
             for step in bar:
-                batch = partitioning.shard_batch({"image": next(it)["image"]}, mesh, rules)
+                images = next(it)["image"]
+                if lowres_every and step % lowres_every == lowres_every - 1:
+                    # The base stage tokenizes images at half the size (2x2 area means): train on those too.
+                    images = editing.downsample_area(images, 2)
+                batch = partitioning.shard_batch({"image": images}, mesh, rules)
                 state, metrics = p_step(state, batch["image"], jax.random.fold_in(rng, step))
                 done = step + 1
                 if done % tcfg.log_every == 0 or done == num_steps:
@@ -361,7 +377,7 @@ def train(config, workdir, *, num_steps: int | None = None, quiet: bool = False)
         train_time = time.time() - t0
 
         # Final evaluation on the test split.
-        test_source = pipeline.make_source(config.data, "test", workdir / "data")
+        test_source = pipeline.make_source(config.data, "test", paths.local_dir(workdir, "data"))
         eval_loader = pipeline.make_loader(
             test_source, batch_size=tcfg.eval_batch_size, shuffle=False, num_epochs=1, drop_remainder=False
         )

@@ -13,15 +13,23 @@ The interface mirrors `clu.metric_writers` (write_scalars, write_images, write_h
 close), which cannot be imported without TensorFlow. Accumulate with `clu.metrics` and pass
 the computed values here. `console=False` keeps scalars off the console (e.g. under a tqdm bar,
 use `progress_bar.set_postfix` instead); `console_every` prints only every N-th call.
+`logdir` may be a gs:// or s3:// URI: tensorboardX writes there itself (gs:// needs
+google-cloud-storage, installed with the `gcs` extra); for other remote schemes the events go to
+a local folder (`muse_jax.paths.local_dir`) and a warning names it.
 """
 from __future__ import annotations
 
+import logging
 import pathlib
 from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
 
+from muse_jax import paths
+
+log = logging.getLogger(__name__)
+TENSORBOARDX_SCHEMES = ("gs://", "s3://")  # remote logdirs tensorboardX writes itself
 
 def _fmt(v: float) -> str:
     return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.4e}"
@@ -39,8 +47,7 @@ class MetricWriter:
         if self.active:
             from tensorboardX import SummaryWriter
 
-            pathlib.Path(logdir).mkdir(parents=True, exist_ok=True)
-            self._tb = SummaryWriter(str(logdir))
+            self._tb = SummaryWriter(tensorboard_logdir(logdir))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """One TensorBoard scalar per key; one console line `step N | k=v ...`."""
@@ -96,6 +103,21 @@ class MetricWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def tensorboard_logdir(logdir) -> str:
+    """The logdir string for tensorboardX: a local folder (created), gs:// or s3:// as is, else local."""
+    if not paths.is_remote(logdir):
+        path = paths.as_path(logdir)
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+    uri = str(paths.as_path(logdir))
+    if uri.startswith(TENSORBOARDX_SCHEMES):
+        return uri
+    local = paths.local_dir(logdir)
+    log.warning("tensorboardX cannot write to %s; TensorBoard events go to %s", uri, local)
+    local.mkdir(parents=True, exist_ok=True)
+    return str(local)
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
