@@ -11,7 +11,7 @@ TINY = [
     "--config.data.num_train=96", "--config.data.num_test=32",
     "--config.train_tokenizer.num_steps=6", "--config.train_tokenizer.log_every=3",
     "--config.train_tokenizer.eval_batch_size=32", "--config.train_tokenizer.warmup_steps=2",
-    "--config.train_base.num_steps=3", "--config.train_base.batch_size=8", "--config.train.warmup_steps=1",
+    "--config.train.num_steps=3", "--config.train.batch_size=8", "--config.train.warmup_steps=1",
     "--config.train.log_every=1", "--config.train.sample_every=0",
     "--config.train_superres.num_steps=3", "--config.train_superres.batch_size=4",
     "--config.sample.steps=2", "--config.sample.sr_steps=2", "--config.sample.batch_size=8",
