@@ -69,7 +69,7 @@ MISMATCHES: dict[str, list[str]] = {
          "(random pooled embedding [B, text_width]; micro_conds as the pipeline's defaults)."),
         "cross-attention has no text mask (aMUSEd takes none); token embedding width = width.",
         ("decode: aMUSEd's scheduler samples with torch.multinomial and a temperature schedule (2 -> 0) on its "
-         'confidences; ours Gumbel-max sampling, choice temperature 4.5 -> 0.'),
+         'confidences; ours inverse-CDF categorical sampling, choice temperature 4.5 -> 0.'),
     ],
     "lucidrains": [
         ('attention: l2-normalised queries and keys with learned scales (scale 8) and a learned null '

@@ -49,7 +49,8 @@ def random_text_encoder(shape: common.ModelShape, seed: int):
     return encode
 
 
-def run(shape: common.ModelShape, args: argparse.Namespace) -> dict:
+def build_program(shape: common.ModelShape, args: argparse.Namespace):
+    """(program, call_args): the jitted stage program of `muse-jax sample` and its arguments (a list)."""
     config = muse_config(shape)
     model = transformer.build(config.base)
     dummy = transformer.dummy_inputs(model, 1, shape.text_len)
@@ -63,6 +64,13 @@ def run(shape: common.ModelShape, args: argparse.Namespace) -> dict:
     call_args = [params, jnp.full((b, stage.num_tokens), stage.mask_token_id, jnp.int32),
                  put(stage.prepare_text(["a prompt"] * b)), put(stage.prepare_text([""] * b)) if guided else None,
                  None, jax.random.key(args.seed), jnp.float32(args.guidance)]
+    return program, call_args
+
+
+def run(shape: common.ModelShape, args: argparse.Namespace) -> dict:
+    program, call_args = build_program(shape, args)
+    params, guided, b = call_args[0], not args.no_guidance, shape.batch
+    model = transformer.build(muse_config(shape).base)
     t0 = time.perf_counter()
     compiled = program.lower(*call_args).compile()
     compile_s = time.perf_counter() - t0

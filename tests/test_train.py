@@ -165,8 +165,11 @@ def test_sharded_meshes_match_one_device_and_restore_onto_another_mesh(tmp_path)
     code = code.replace("sys.argv[1]", repr(str(tmp_path))).replace("TESTS_DIR", repr(str(pathlib.Path(__file__).parent)))
     out = run_with_devices(code, timeout=600)
     res = json.loads(out.split("RESULT", 1)[1])
+    # Parameters: max |difference| / max |value| per leaf. Three steps from zero-initialised biases leave
+    # leaves of ~3 x lr, where float32 rounding of the sharded reductions shows at ~2e-5 (seen on the cross-
+    # attention output bias); a sharding bug moves parameters by whole updates (> 0.1).
     for name in ("dp", "tp", "fsdp"):
-        assert res[name]["loss"] <= 1e-5 and res[name]["param"] <= 1e-5, (name, res[name])
+        assert res[name]["loss"] <= 1e-5 and res[name]["param"] <= 1e-4, (name, res[name])
     assert any("fsdp" in s for s in res["fsdp"]["specs"])  # parameters really are sharded
     assert any("tensor" in s for s in res["tp"]["specs"])
     assert res["fsdp"]["steps"] == [[1, 2], [3]]  # the second half ran on the other mesh

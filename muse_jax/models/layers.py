@@ -34,12 +34,15 @@ def dot_product_attention(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     if scale != 1.0:
-        logits = logits * scale
+        q = q * jnp.asarray(scale, q.dtype)  # [.., lq, d] is no larger than the [.., lq, lk] logits
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+    # Softmax with the normalisation applied to the [.., lq, d] output rather than the [.., lq, lk]
+    # weights (the same function; one pass less over the weights when lk > d).
+    weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / weights.sum(axis=-1, keepdims=True)).astype(q.dtype)

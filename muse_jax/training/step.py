@@ -78,12 +78,17 @@ def create_state(model, tx, rng, inputs, ema: bool = False) -> TrainState:
 
 
 def masked_cross_entropy(logits, targets, mask, label_smoothing: float = 0.0):
-    """(loss, accuracy) over masked positions only. logits [B,N,K] f32, targets/mask [B,N]."""
-    k = logits.shape[-1]
-    labels = jax.nn.one_hot(targets, k, dtype=jnp.float32)
+    """(loss, accuracy) over masked positions only. logits [B,N,K] f32, targets/mask [B,N].
+
+    Cross entropy against labels smoothed as (1 - s) * one_hot + s / K, computed from the integer
+    targets without building the [B, N, K] one-hot labels:
+    logsumexp(z) - (1 - s) * z[target] - s * mean(z).
+    """
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    ce = jax.nn.logsumexp(logits, axis=-1) - (1.0 - label_smoothing) * picked
     if label_smoothing > 0:
-        labels = optax.smooth_labels(labels, label_smoothing)
-    ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
+        ce = ce - label_smoothing * logits.mean(axis=-1)
     w = mask.astype(jnp.float32)
     denom = jnp.maximum(w.sum(), 1.0)
     loss = (ce * w).sum() / denom
