@@ -10,34 +10,8 @@ import importlib.util
 import pathlib
 
 
-def _paper_base(arg=None):
-    spec = importlib.util.spec_from_file_location("_shapes", pathlib.Path(__file__).with_name("shapes.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
-
-
-def _t5_xxl():
-    spec = importlib.util.spec_from_file_location("_t5", pathlib.Path(__file__).with_name("t5.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config("t5-v1_1-xxl")
-
-
 def get_config(arg=None):
-    config = _paper_base(arg)
-    b = config.base
-    b.codebook_size = 8192
-    b.grid_size = 16
-    b.num_layers, b.width, b.mlp_dim, b.num_heads = 48, 2048, 8192, 32
-    b.text_dim = 4096  # T5-XXL
-    b.dropout_rate = 0.1
-    b.dtype = "bfloat16"
-    b.remat = True
-    config.text = _t5_xxl()  # frozen; embeddings come from the cache (data/text_cache.py)
-    config.train.batch_size = 512
-    config.train.optimizer = "adafactor"
-    config.train.num_steps = 1_000_000
-    config.train.lr = 1e-4
-    config.train.warmup_steps = 5000
-    return config
+    spec = importlib.util.spec_from_file_location("_muse_configs__paper", pathlib.Path(__file__).with_name("_paper.py"))
+    paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper)
+    return paper.paper_config("base", arg, grid_size=16, num_layers=48, width=2048, mlp_dim=8192, num_heads=32)

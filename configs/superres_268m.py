@@ -12,35 +12,9 @@ import importlib.util
 import pathlib
 
 
-def _paper_base(arg=None):
-    spec = importlib.util.spec_from_file_location("_shapes", pathlib.Path(__file__).with_name("shapes.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
-
-
-def _t5_xxl():
-    spec = importlib.util.spec_from_file_location("_t5", pathlib.Path(__file__).with_name("t5.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config("t5-v1_1-xxl")
-
-
 def get_config(arg=None):
-    config = _paper_base(arg)
-    s = config.superres
-    s.codebook_size = 8192
-    s.grid_size, s.lowres_grid_size = 64, 16
-    s.num_lowres_layers, s.num_layers = 16, 32
-    s.width, s.mlp_dim, s.num_heads = 1024, 4096, 16
-    s.text_dim = 4096  # T5-XXL
-    s.dropout_rate = 0.1
-    s.dtype = "bfloat16"
-    s.remat = True
-    config.text = _t5_xxl()  # frozen; embeddings come from the cache (data/text_cache.py)
-    config.train.batch_size = 512
-    config.train.optimizer = "adafactor"
-    config.train.num_steps = 1_000_000
-    config.train.lr = 1e-4
-    config.train.warmup_steps = 5000
-    return config
+    spec = importlib.util.spec_from_file_location("_muse_configs__paper", pathlib.Path(__file__).with_name("_paper.py"))
+    paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper)
+    return paper.paper_config("superres", arg, grid_size=64, lowres_grid_size=16, num_lowres_layers=16, num_layers=32,
+                               width=1024, mlp_dim=4096, num_heads=16)

@@ -16,9 +16,11 @@ def resolve_config_path(spec: str) -> str:
     candidate = pathlib.Path(path)
     if not candidate.suffix:
         candidate = CONFIG_DIR / f"{path}.py"
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
     if not candidate.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
         raise FileNotFoundError(f"config {spec!r}: no file {candidate} (named configs: {known})")
+    if candidate.stem.startswith("_") and candidate.parent == CONFIG_DIR:
+        raise ValueError(f"config {spec!r}: {candidate.name} holds shared helpers, not a config (named configs: {known})")
     return f"{candidate}{sep}{arg}"
 
 

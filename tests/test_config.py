@@ -31,3 +31,14 @@ def test_config_is_locked():
     cfg = config_lib.load_config("shapes")
     with pytest.raises(AttributeError):
         cfg.data.batchsize = 3
+
+
+def test_paper_configs_share_one_helper_which_is_not_a_config():
+    base, big, sr = (config_lib.load_config(n) for n in ("muse_632m", "muse_3b", "superres_268m"))
+    assert (base.base.num_layers, base.base.width, big.base.num_layers, big.base.width) == (16, 1536, 48, 2048)
+    assert (sr.superres.num_layers, sr.superres.num_lowres_layers, sr.superres.grid_size) == (32, 16, 64)
+    for c, stage in ((base, "base"), (big, "base"), (sr, "superres")):
+        assert (c[stage].codebook_size, c[stage].text_dim, c[stage].dtype) == (8192, 4096, "bfloat16")
+        assert (c.train.batch_size, c.train.optimizer, c.text.encoder.d_model) == (512, "adafactor", 4096)
+    with pytest.raises(ValueError, match="shared helpers, not a config"):
+        config_lib.load_config("_paper")
