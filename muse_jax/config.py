@@ -20,7 +20,8 @@ def resolve_config_path(spec: str) -> str:
     if not candidate.is_file():
         raise FileNotFoundError(f"config {spec!r}: no file {candidate} (named configs: {known})")
     if candidate.stem.startswith("_") and candidate.parent == CONFIG_DIR:
-        raise ValueError(f"config {spec!r}: {candidate.name} holds shared helpers, not a config (named configs: {known})")
+        raise ValueError(f"config {spec!r}: {candidate.name} holds shared helpers, not a config "
+                         f"(named configs: {known})")
     return f"{candidate}{sep}{arg}"
 
 

@@ -18,10 +18,11 @@ For samplers:
     model.mask_token_id == model.codebook_size
 
 All attention goes through `muse_jax.models.layers.dot_product_attention` in heads-major
-[b, h, l, d] layout (queries, keys and values are projected by 2-D matmuls and transposed into it). Parameters carry
-logical axis names (`nn.with_logical_partitioning`) and key activations logical constraints;
-`muse_jax/training/partitioning.py` maps them to a mesh. `dtype="bfloat16"` computes in bf16
-with float32 parameters; `remat=True` rematerialises each block in the backward pass.
+[b, h, l, d] layout (queries, keys and values are projected by 2-D matmuls and transposed into
+it). Parameters carry logical axis names (`nn.with_logical_partitioning`) and key activations
+logical constraints; `muse_jax/training/partitioning.py` maps them to a mesh.
+`dtype="bfloat16"` computes in bf16 with float32 parameters; `remat=True` rematerialises each
+block in the backward pass.
 """
 from __future__ import annotations
 
@@ -145,7 +146,8 @@ class Attention(nn.Module):
             b, length, _ = inp.shape
             y = inp.reshape(b * length, e) @ w.reshape(e, h * d).astype(dt)
             if bias:
-                y = y + _param(self, f"{name}_bias", ("heads", "kv"), (h, d), nn.initializers.zeros).reshape(h * d).astype(dt)
+                bias_param = _param(self, f"{name}_bias", ("heads", "kv"), (h, d), nn.initializers.zeros)
+                y = y + bias_param.reshape(h * d).astype(dt)
             y = y.reshape(b, length, h, d).transpose(0, 2, 1, 3)
             return nn.with_logical_constraint(y, ("batch", "heads", length_axis, "kv"))
 
