@@ -31,38 +31,20 @@ import jax
 import common
 import sample as sample_bench
 import train_step as train_bench
-from muse_jax.models import transformer
 from muse_jax.training import partitioning
-from muse_jax.training import step as step_lib
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\w+)\((.*)$", re.M)
 
 
 def compiled_train_step(shape: common.ModelShape, seed: int = 0):
     """(call) running one training step of `train_step.py`'s program, and its compiled executable."""
-    config = train_bench.muse_config(shape)
-    model = transformer.build(config.base)
-    mesh, rules = partitioning.make_mesh(config.mesh), partitioning.logical_rules(config)
-    tx = step_lib.make_optimizer(config.train)
-    inputs = transformer.dummy_inputs(model, 1, shape.text_len)
-
-    def create(rng):
-        return step_lib.create_state(model, tx, rng, inputs)
-
-    shardings = partitioning.state_shardings(jax.eval_shape(create, jax.random.key(seed)), mesh, rules)
-    host_batch = train_bench.random_batch(shape, seed)
-    step = step_lib.make_train_step(config, model, mesh, shardings, empty_text=train_bench.empty_text(shape, seed),
-                                    rules=rules, batch_keys={k: v.ndim for k, v in host_batch.items()})
-    with partitioning.axis_rules(mesh, rules):
-        from flax import linen as nn
-
-        state = jax.jit(lambda r: nn.unbox(create(r)), out_shardings=shardings)(jax.random.key(seed))
-        batch = partitioning.shard_batch(host_batch, mesh, rules)
-        compiled = step.jitted.lower(state, batch, jax.random.key(seed + 1)).compile()
+    step, state, batch, rng = train_bench.build_step(shape, seed)
+    with partitioning.axis_rules(step.mesh, step.rules):
+        compiled = step.jitted.lower(state, batch, rng).compile()
     holder = {"state": state}
 
     def call():
-        holder["state"], metrics = compiled(holder["state"], batch, jax.random.key(seed + 1))
+        holder["state"], metrics = compiled(holder["state"], batch, rng)
         return metrics
 
     return call, compiled

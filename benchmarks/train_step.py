@@ -94,9 +94,12 @@ def device_info() -> dict[str, str]:
             "framework": f"jax {jax.__version__}"}
 
 
-def run(shape: common.ModelShape, args: argparse.Namespace) -> dict:
-    """Builds the state and the step, compiles, times; returns the result row."""
-    config = muse_config(shape, args.remat)
+def build_step(shape: common.ModelShape, seed: int = 0, remat: bool = False):
+    """(jitted step, state, batch, rng): the project's training step for `shape`, not yet compiled.
+
+    Call the jitted step inside `partitioning.axis_rules(step.mesh, step.rules)`.
+    """
+    config = muse_config(shape, remat)
     model = transformer.build(config.base)
     mesh = partitioning.make_mesh(config.mesh)
     rules = partitioning.logical_rules(config)
@@ -106,16 +109,22 @@ def run(shape: common.ModelShape, args: argparse.Namespace) -> dict:
     def create(rng):
         return step_lib.create_state(model, tx, rng, inputs)
 
-    abstract = jax.eval_shape(create, jax.random.key(args.seed))
+    abstract = jax.eval_shape(create, jax.random.key(seed))
     shardings = partitioning.state_shardings(abstract, mesh, rules)
-    host_batch = random_batch(shape, args.seed)
+    host_batch = random_batch(shape, seed)
     batch_keys = {k: v.ndim for k, v in host_batch.items()}
-    train_step = step_lib.make_train_step(config, model, mesh, shardings, empty_text=empty_text(shape, args.seed),
+    train_step = step_lib.make_train_step(config, model, mesh, shardings, empty_text=empty_text(shape, seed),
                                           rules=rules, batch_keys=batch_keys)
     with partitioning.axis_rules(mesh, rules):
-        state = jax.jit(lambda r: nn.unbox(create(r)), out_shardings=shardings)(jax.random.key(args.seed))
+        state = jax.jit(lambda r: nn.unbox(create(r)), out_shardings=shardings)(jax.random.key(seed))
         batch = partitioning.shard_batch(host_batch, mesh, rules)
-        rng = jax.random.key(args.seed + 1)
+    return train_step, state, batch, jax.random.key(seed + 1)
+
+
+def run(shape: common.ModelShape, args: argparse.Namespace) -> dict:
+    """Builds the state and the step, compiles, times; returns the result row."""
+    train_step, state, batch, rng = build_step(shape, args.seed, args.remat)
+    with partitioning.axis_rules(train_step.mesh, train_step.rules):
         t0 = time.perf_counter()
         compiled = train_step.jitted.lower(state, batch, rng).compile()
         compile_s = time.perf_counter() - t0
