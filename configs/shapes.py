@@ -140,11 +140,13 @@ def get_config(arg=None):
         codebook_size=512, grid_size=8, num_layers=4, width=128, mlp_dim=512, num_heads=4,
         text_dim=128, dropout_rate=0.0, attention_dropout_rate=0.0, layer_norm_epsilon=1e-6,
         dtype="float32", remat=False, lowres_grid_size=0, num_lowres_layers=0))
-    # Super-res: 8x8 base tokens -> 16x16 tokens of the 64x64 image.
+    # Super-res: 8x8 base tokens -> 16x16 tokens of the 64x64 image. lowres_add: the encoded base
+    # tokens are also added under the 2x2 high-res tokens each covers (Muse: cross-attention only).
+    # 400 steps, one-object test captions, shape right given the true base tokens: 45 % vs 17 % without.
     config.superres = ml_collections.ConfigDict(dict(
         codebook_size=512, grid_size=16, num_layers=4, width=128, mlp_dim=512, num_heads=4,
         text_dim=128, dropout_rate=0.0, attention_dropout_rate=0.0, layer_norm_epsilon=1e-6,
-        dtype="float32", remat=False, lowres_grid_size=8, num_lowres_layers=2))
+        dtype="float32", remat=False, lowres_grid_size=8, num_lowres_layers=2, lowres_add=True))
 
     # Transformer training (muse_jax/training/{step,loop}.py), shared by both stages.
     t = config.train = ml_collections.ConfigDict()
@@ -199,4 +201,5 @@ def get_config(arg=None):
     q.sweep_prompts = 48
     q.tokenizer_images = 500  # test images for PSNR/SSIM/rFID
     q.detector_images = 500  # real test images the detector must judge >= 99 % right first
+    q.stage_images = 64  # one-object test images scored stage by stage (0: skip)
     return config

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import warnings
 from typing import Any, Callable, Sequence
@@ -312,14 +313,37 @@ class Pipeline:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("no prompts given")
-        key = jax.random.key(seed)
         start = np.full((len(prompts), self.base.num_tokens), self.base.mask_token_id, np.int32)
-        base = self._run_stage(self.base, start, prompts, None, jax.random.fold_in(key, 0), opts)
+        base = self._run_stage(self.base, start, prompts, None, jax.random.fold_in(jax.random.key(seed), 0), opts)
         if self.superres is None:
             return base, None
+        return base, self.superres_tokens(base, prompts, seed=seed, **overrides)
+
+    def superres_tokens(self, base_tokens, prompts: Sequence[str], *, seed: int = 0, **overrides) -> np.ndarray:
+        """The super-res stage alone: base tokens [B, n] and their prompts -> high-res tokens [B, N]."""
+        if self.superres is None:
+            raise ValueError("this pipeline has no super-res stage")
+        base_tokens = np.asarray(base_tokens)
+        if base_tokens.shape != (len(prompts), self.base.num_tokens):
+            raise ValueError(f"base tokens must be [{len(prompts)}, {self.base.num_tokens}] for {len(prompts)} "
+                             f"prompts, got {base_tokens.shape}")
         start = np.full((len(prompts), self.superres.num_tokens), self.superres.mask_token_id, np.int32)
-        sr = self._run_stage(self.superres, start, prompts, base, jax.random.fold_in(key, 1), opts)
-        return base, sr
+        return self._run_stage(self.superres, start, list(prompts), base_tokens,
+                               jax.random.fold_in(jax.random.key(seed), 1), self._options(overrides))
+
+    def encode_images(self, images, size: int | None = None) -> np.ndarray:
+        """uint8 images [B, S, S, 3] -> tokens [B, n] of the image area-downsampled to `size` px
+        (default S; the base stage's tokens at `base_image_size`)."""
+        images, _ = self._check_images(images)
+        return self._encode(images, size or self.image_size)
+
+    def decode_tokens(self, tokens) -> np.ndarray:
+        """Tokens [B, g*g] of either stage -> uint8 images [B, g*f, g*f, 3]."""
+        tokens = np.asarray(tokens)
+        g = math.isqrt(tokens.shape[-1]) if tokens.ndim == 2 else 0
+        if g == 0 or g * g != tokens.shape[1]:
+            raise ValueError(f"tokens must be [batch, g*g] (a square grid), got shape {tokens.shape}")
+        return self._decode_images(tokens, g)
 
     def generate(self, prompts: Sequence[str], *, num_per_prompt: int = 1, seed: int = 0, **overrides) -> np.ndarray:
         """Prompts -> uint8 images [len(prompts) * num_per_prompt, S, S, 3], prompt-major."""

@@ -71,6 +71,22 @@ def _pct(x) -> str:
     return f"{100 * x:.1f} %"
 
 
+def _stage_lines(stages: dict | None) -> list[str]:
+    """Markdown: the stage-by-stage table (`evaluation.run.stage_breakdown`), if it was run."""
+    if not stages:
+        return []
+    first = next(iter(stages.values()))
+    attrs = sorted(first["attributes"])
+    return [
+        f"### Stage by stage ({first['num']} one-object test captions)", "",
+        "Where the cascade loses what the caption says: real images, the tokenizer alone, the super-res "
+        "stage given the real images' base tokens, the base stage alone (upsampled), the whole cascade.", "",
+        "| images | fully correct | " + " | ".join(attrs) + " |", "|---|---|" + "---|" * len(attrs),
+        *[f"| {name} | {_pct(r['all'])} | " + " | ".join(_pct(r["attributes"][k]) for k in attrs) + " |"
+          for name, r in stages.items()], "",
+    ]
+
+
 def write_report(workdir: pathlib.Path, cfg, ev: dict, timings: dict) -> pathlib.Path:
     """W/report.md: the sample grids, the metrics, and the commands to sample and edit."""
     gen, tok = ev["generation"], ev["tokenizer"]
@@ -94,6 +110,7 @@ def write_report(workdir: pathlib.Path, cfg, ev: dict, timings: dict) -> pathlib
     lines += [
         "", f"In-domain FID (shapes features) against 1000 test images: {gen['fid_shapes']:.2f}; "
         f"sampling {gen['sec_per_image'] * 1000:.0f} ms per image (after compilation).", "",
+        *_stage_lines(ev.get("stages")),
         "## Tokenizer", "",
         f"PSNR {tok['psnr']:.2f} dB (at the base stage's 32 px: {tok.get('psnr_lowres', float('nan')):.2f} dB), "
         f"SSIM {tok['ssim']:.4f}, reconstruction FID (shapes features) "
@@ -156,7 +173,8 @@ def run(workdir: str, config_spec: str = "shapes", overrides=()) -> pathlib.Path
     q = cfg.quickstart
     ev = eval_run.run(workdir, workdir / "eval", num_prompts=q.eval_prompts, sweep_steps=tuple(q.sweep_steps),
                       sweep_guidance=tuple(q.sweep_guidance), sweep_prompts=q.sweep_prompts,
-                      num_tokenizer_images=q.tokenizer_images, num_detector_images=q.detector_images)
+                      num_tokenizer_images=q.tokenizer_images, num_detector_images=q.detector_images,
+                      num_stage_images=q.get("stage_images", 0))
     timings["evaluation"] = time.time() - t
     timings["total"] = time.time() - t_all
     path = write_report(workdir, cfg, ev, timings)

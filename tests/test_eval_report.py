@@ -50,3 +50,48 @@ def test_validate_detector_passes_on_real_images_and_fails_loudly():
     assert report.validate_detector(num=40)["all"] >= 0.99
     with pytest.raises(RuntimeError, match="below"):
         report.validate_detector(num=5, min_accuracy=1.01)
+
+
+class _ImagePipeline:
+    """A stand-in cascade whose 'tokens' are images: a perfect tokenizer, base stage and (unless
+    `broken_superres`) super-res stage for shapes captions; base size is area-downsampled by 2."""
+
+    image_size, base_image_size, superres = 64, 32, True
+
+    def __init__(self, broken_superres=False):
+        examples = [shapes.make_example(0, "test", i) for i in range(300)]
+        self.by_caption = {e["caption"]: e["image"] for e in examples}
+        self.broken = broken_superres
+
+    def encode_images(self, images, size=None):
+        from muse_jax import editing
+
+        return editing.downsample_area(images, 64 // (size or 64))
+
+    def decode_tokens(self, tokens):
+        return tokens
+
+    def superres_tokens(self, base, prompts, seed=0, **overrides):
+        real = np.stack([self.by_caption[p] for p in prompts])
+        return np.zeros_like(real) if self.broken else real
+
+    def generate_tokens(self, prompts, seed=0, **overrides):
+        real = np.stack([self.by_caption[p] for p in prompts])
+        return self.encode_images(real, 32), self.superres_tokens(None, prompts)
+
+
+def test_stage_breakdown_scores_each_stage_from_its_own_images():
+    from muse_jax.evaluation import run
+
+    good = run.stage_breakdown(_ImagePipeline(), 12)
+    assert list(good) == ["real images", "tokenizer, full size", "tokenizer, base size",
+                          "super-res from the real base tokens", "base stage samples", "whole cascade"]
+    assert all(r["num"] == 12 for r in good.values())
+    for name in ("real images", "tokenizer, full size", "super-res from the real base tokens", "whole cascade"):
+        assert good[name]["all"] == 1.0, name
+    # 32 px images, pixel-repeated to 64 px: colour, size and position survive.
+    for name in ("tokenizer, base size", "base stage samples"):
+        assert good[name]["attributes"]["position"] == 1.0 and good[name]["attributes"]["size"] == 1.0
+    broken = run.stage_breakdown(_ImagePipeline(broken_superres=True), 12)
+    assert broken["super-res from the real base tokens"]["all"] == 0.0 and broken["whole cascade"]["all"] == 0.0
+    assert broken["tokenizer, base size"] == good["tokenizer, base size"]

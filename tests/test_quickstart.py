@@ -18,6 +18,7 @@ TINY = [
     "--config.quickstart.eval_prompts=8", "--config.quickstart.sweep_steps=(1, 2)",
     "--config.quickstart.sweep_guidance=(0.0,)", "--config.quickstart.sweep_prompts=4",
     "--config.quickstart.tokenizer_images=32", "--config.quickstart.detector_images=50",
+    "--config.quickstart.stage_images=3",
 ]
 
 
@@ -45,6 +46,8 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     assert ev["generation"]["alignment"]["num"] == 8
     assert 0 < ev["tokenizer"]["psnr"] < 100 and 0 < ev["tokenizer"]["psnr_lowres"] < 100
     assert [r["steps"] for r in ev["sweeps"]["steps"]["results"]] == [1, 2]
+    assert ev["stages"]["real images"]["all"] == 1.0 and ev["stages"]["whole cascade"]["num"] == 3
+    assert "### Stage by stage (3 one-object test captions)" in text and "| whole cascade |" in text
     assert (w / "eval" / "sweep_steps.png").is_file() and (w / "eval" / "sweep_guidance.json").is_file()
 
     # Same workdir again: every training stage resumes at its last checkpoint instead of training.

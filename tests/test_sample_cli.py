@@ -82,6 +82,26 @@ def test_generate_cascade_deterministic_and_batched():
     assert base.shape == (5, 4) and sr.shape == (5, 16) and (sr < K).all() and (base < K).all()
 
 
+def test_stage_methods_superres_alone_encode_and_decode():
+    pipe = toy_pipeline()
+    prompts = ["red", "blue", "green"]
+    base, sr = pipe.generate_tokens(prompts, seed=2)
+    np.testing.assert_array_equal(pipe.superres_tokens(base, prompts, seed=2), sr)  # the cascade's second half
+    other = pipe.superres_tokens((base + 1) % K, prompts, seed=2)
+    assert (other != sr).any()  # ... and it reads the base tokens it is given
+    blocks = np.random.default_rng(0).integers(0, K, (2, 4, 4))
+    images = pipe.tokenizer.decode(blocks)  # [2, 16, 16, 3], one gray per 4x4 block
+    np.testing.assert_array_equal(pipe.encode_images(images), blocks.reshape(2, 16))
+    np.testing.assert_array_equal(pipe.decode_tokens(blocks.reshape(2, 16)), images)
+    assert pipe.encode_images(images, pipe.base_image_size).shape == (2, 4)
+    with pytest.raises(ValueError, match=r"base tokens must be \[3, 4\]"):
+        pipe.superres_tokens(base[:, :3], prompts)
+    with pytest.raises(ValueError, match="square grid"):
+        pipe.decode_tokens(np.zeros((2, 15), np.int32))
+    with pytest.raises(ValueError, match="no super-res stage"):
+        toy_pipeline(superres=False).superres_tokens(base, prompts)
+
+
 def test_pipeline_sharded_over_data_axis():
     """8 CPU devices, batch sharded over the mesh's data axis: the same images as on one device."""
     code = """

@@ -23,6 +23,7 @@ def _closed_form(c: T.TransformerConfig) -> int:
     n += W * W + W + ln + W * K + K  # MLP head
     if c.is_superres:
         n += K * W + c.lowres_grid_size**2 * W + ln + c.num_lowres_layers * self_block + ln
+        n += (W * W + W) * c.lowres_add  # projection of the upsampled low-res encoding
     return n
 
 
@@ -109,6 +110,24 @@ def test_superres_uses_lowres_tokens_and_counts():
     assert np.abs(np.asarray(fwd(params, other) - logits)).max() > 1e-5
     positional = jax.jit(model.apply)({"params": params}, x["tokens"], x["text_emb"], x["text_mask"], x["lowres_tokens"])
     np.testing.assert_array_equal(positional, logits)
+
+
+def test_superres_lowres_add_puts_each_lowres_token_under_the_tokens_it_covers():
+    model = T.build(dict(TINY, grid_size=8, lowres_grid_size=4, num_lowres_layers=1, lowres_add=True))
+    x = _inputs(model)
+    boxed = _jit_init(model, jax.random.key(1), x)
+    assert _closed_form(model.config) == T.count_params(boxed)
+    params = nn.unbox(boxed)
+    _, state = jax.jit(lambda p: model.apply({"params": p}, **{k: x[k] for k in x}, capture_intermediates=True))(params)
+    low = state["intermediates"]["lowres_encoder"]["__call__"][0]  # [B, 16, W] after the encoder
+    added = state["intermediates"]["lowres_add"]["__call__"][0]  # [B, 64, W] added to the embeddings
+    kernel, bias = params["lowres_add"]["kernel"], params["lowres_add"]["bias"]
+    rows, cols = np.divmod(np.arange(64), 8)
+    expected = (low @ kernel + bias)[:, (rows // 2) * 4 + cols // 2]  # high-res (r, c) <- low-res (r//2, c//2)
+    np.testing.assert_allclose(added, expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(added[:, 0] - added[:, 2])).max() > 1e-3  # neighbouring low-res tokens differ
+    with pytest.raises(ValueError, match="lowres_add needs grid_size"):
+        T.build(dict(TINY, grid_size=6, lowres_grid_size=4, num_lowres_layers=1, lowres_add=True))
 
 
 def test_remat_and_bf16_match_float32():

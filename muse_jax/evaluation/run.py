@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import PIL.Image
 
-from muse_jax.data import export, pipeline as data_pipeline
+from muse_jax.data import export, pipeline as data_pipeline, shapes
 from muse_jax.evaluation import alignment, report, sweep
 
 GROUPS = ("one_seen", "one_heldout", "relation", "places")
@@ -66,6 +66,46 @@ def _generate_and_score(pipe, prompts: Sequence[str], cache_dir: str, seed: int,
     return images, result
 
 
+def stage_breakdown(pipe, num: int, seed: int = 0, overrides: dict | None = None) -> dict[str, Any]:
+    """Where the cascade loses text alignment, on the first `num` one-object test images and captions.
+
+    Rows (each an `alignment.alignment_report` without groups): the real images; the tokenizer's
+    reconstructions at full and at base resolution; the super-res stage given the real images' base
+    tokens; the base stage's own samples; the whole cascade. Base-resolution images are judged
+    upsampled by pixel repetition to the full size.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    images, captions = [], []
+    for index in range(100 * num):
+        if len(images) == num:
+            break
+        ex = shapes.make_example(seed, "test", index)
+        if alignment.parse_caption(ex["caption"])["kind"] == "one":
+            images.append(ex["image"])
+            captions.append(ex["caption"])
+    images = np.stack(images)
+    if images.shape[1] != pipe.image_size:
+        raise ValueError(f"the shapes images are {images.shape[1]} px, this pipeline makes {pipe.image_size} px")
+    r = pipe.image_size // pipe.base_image_size
+    up = lambda x: x.repeat(r, axis=1).repeat(r, axis=2)  # noqa: E731
+    true_base = pipe.encode_images(images, pipe.base_image_size)
+    rows = {"real images": images,
+            "tokenizer, full size": pipe.decode_tokens(pipe.encode_images(images)),
+            "tokenizer, base size": up(pipe.decode_tokens(true_base))}
+    if pipe.superres is not None:
+        rows["super-res from the real base tokens"] = pipe.decode_tokens(
+            pipe.superres_tokens(true_base, captions, seed=seed, **overrides))
+    base, sr = pipe.generate_tokens(captions, seed=seed, **overrides)
+    rows["base stage samples"] = up(pipe.decode_tokens(base))
+    if sr is not None:
+        rows["whole cascade"] = pipe.decode_tokens(sr)
+    out = {}
+    for name, imgs in rows.items():
+        rep = alignment.alignment_report(imgs, captions)
+        out[name] = {"num": rep["num"], "all": rep["all"], "attributes": rep["attributes"]}
+    return out
+
+
 def _samples_grid(images: np.ndarray, prompts: Sequence[str], path: pathlib.Path, per_group: int = 8) -> None:
     rows = []
     for g in GROUPS:
@@ -81,7 +121,7 @@ def _samples_grid(images: np.ndarray, prompts: Sequence[str], path: pathlib.Path
 def run(workdir, out_dir, *, num_prompts: int = 200, seed: int = 0, steps: int | None = None,
         sr_steps: int | None = None, guidance: float | None = None, sweep_steps: Sequence[int] = (),
         sweep_guidance: Sequence[float] = (), sweep_prompts: int = 64, num_tokenizer_images: int = 500,
-        num_detector_images: int = 500,
+        num_detector_images: int = 500, num_stage_images: int = 0,
         inception_path: str | None = None, quiet: bool = False) -> dict[str, Any]:
     """Evaluates workdir W at its default decoding settings (or the ones given); returns the report."""
     from muse_jax.pipeline import Pipeline, load_workdir_config
@@ -111,6 +151,12 @@ def run(workdir, out_dir, *, num_prompts: int = 200, seed: int = 0, steps: int |
     say(f"  fully correct: all {align['all']:.1%}; " + ", ".join(
         f"{g} {align['groups'][g]['all']:.1%}" for g in GROUPS if g in align["groups"]))
 
+    stages = {}
+    if num_stage_images:
+        say(f"scoring each stage on {num_stage_images} one-object test captions ...")
+        stages = stage_breakdown(pipe, num_stage_images, seed, overrides)
+        say("  " + ", ".join(f"{k} {v['all']:.0%}" for k, v in stages.items()))
+
     sweeps = {}
     for name, values in (("steps", sweep_steps), ("guidance", sweep_guidance)):
         if not values:
@@ -129,7 +175,7 @@ def run(workdir, out_dir, *, num_prompts: int = 200, seed: int = 0, steps: int |
         sweeps[name] = {"results": rows, "json": json_path, "png": png_path}
 
     result = {"workdir": str(workdir), "detector_accuracy": detector, "tokenizer": tokenizer,
-              "generation": main, "sweeps": sweeps, "seconds": time.time() - t0}
+              "generation": main, "stages": stages, "sweeps": sweeps, "seconds": time.time() - t0}
     report.write_json(result, str(out_dir / "eval.json"))
     say(f"wrote {out_dir / 'eval.json'} ({result['seconds']:.0f}s)")
     return result

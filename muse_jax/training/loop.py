@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from muse_jax import config as config_lib
+from muse_jax import editing
 from muse_jax import paths
 from muse_jax.data import pipeline
 from muse_jax.models import transformer as transformer_lib
@@ -80,13 +81,6 @@ def make_loader(source, batch_size: int, seed: int) -> grain.DataLoader:
     )
 
 
-def downsample2(images: np.ndarray) -> np.ndarray:
-    """uint8 [B, H, W, 3] -> [B, H/2, W/2, 3] by 2x2 area averaging (rounded)."""
-    b, h, w, c = images.shape
-    x = images.reshape(b, h // 2, 2, w // 2, 2, c).astype(np.float32).mean(axis=(2, 4))
-    return np.clip(np.round(x), 0, 255).astype(np.uint8)
-
-
 def build_token_cache(config, workdir: pathlib.Path, split: str = "train", batch_size: int = 250) -> dict:
     """Tokens of every `split` image (64 px -> hi, 32 px -> lo) and captions, computed once."""
     from muse_jax.models import vqgan
@@ -111,7 +105,7 @@ def build_token_cache(config, workdir: pathlib.Path, split: str = "train", batch
     for batch in writer_lib.progress(loader, total=-(-n // batch_size), desc=f"tokenizing {split}"):
         images = batch["image"]
         hi.append(np.asarray(tokenizer.encode(images)).astype(np.int16))
-        lo.append(np.asarray(tokenizer.encode(downsample2(images))).astype(np.int16))
+        lo.append(np.asarray(tokenizer.encode(editing.downsample_area(images, 2))).astype(np.int16))
         for i, c in zip(batch["index"], batch["caption"]):
             captions[int(i)] = str(c)
     hi, lo = np.concatenate(hi), np.concatenate(lo)
