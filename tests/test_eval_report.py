@@ -95,3 +95,5 @@ def test_stage_breakdown_scores_each_stage_from_its_own_images():
     broken = run.stage_breakdown(_ImagePipeline(broken_superres=True), 12)
     assert broken["super-res from the real base tokens"]["all"] == 0.0 and broken["whole cascade"]["all"] == 0.0
     assert broken["tokenizer, base size"] == good["tokenizer, base size"]
+    with pytest.raises(ValueError, match="at least one image"):
+        run.stage_breakdown(_ImagePipeline(), 0)

@@ -74,6 +74,8 @@ def stage_breakdown(pipe, num: int, seed: int = 0, overrides: dict | None = None
     tokens; the base stage's own samples; the whole cascade. Base-resolution images are judged
     upsampled by pixel repetition to the full size.
     """
+    if num < 1:
+        raise ValueError(f"the stage-by-stage evaluation needs at least one image, got num={num}")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     images, captions = [], []
     for index in range(100 * num):
@@ -126,6 +128,8 @@ def run(workdir, out_dir, *, num_prompts: int = 200, seed: int = 0, steps: int |
     """Evaluates workdir W at its default decoding settings (or the ones given); returns the report."""
     from muse_jax.pipeline import Pipeline, load_workdir_config
 
+    if num_stage_images < 0:
+        raise ValueError(f"num_stage_images must be >= 0 (0: skip), got {num_stage_images}")
     workdir, out_dir = pathlib.Path(workdir), pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
