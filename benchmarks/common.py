@@ -31,6 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       text_width=4096, batch=32, dtype="bfloat16"),
 }
 DTYPES = ("float32", "bfloat16")
+MATMULS = ("float32", "bfloat16")  # --matmul: what the multiplies of a float32 matmul are rounded to
 MIN_TIMED_STEPS = 20  # the issue's minimum for a reported median
 
 
@@ -90,6 +91,11 @@ def add_model_flags(parser: argparse.ArgumentParser, *, steps: int = MIN_TIMED_S
     g.add_argument("--text-width", type=int, help="width of the text embeddings (e.g. T5 d_model)")
     g.add_argument("--batch", type=int)
     g.add_argument("--dtype", choices=DTYPES, help="compute dtype (parameters stay float32); default float32")
+    g.add_argument("--matmul", choices=MATMULS, default=None,
+                   help="multiplies of float32 matmuls (accumulation stays float32). muse_jax: default = the "
+                        "project's (config.train.matmul_precision 'default': bfloat16 on a CPU with AMX-BF16 or "
+                        "AVX512-BF16, see muse_jax/precision.py), float32 = 'highest'. Peers: default float32 "
+                        "(PyTorch's), bfloat16 = PyTorch's bf16 fp32-matmul precision (oneDNN on CPU)")
     parser.add_argument("--steps", type=int, default=steps, help=f"timed repetitions (report needs >= {steps})")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed repetitions after compilation")
     parser.add_argument("--seed", type=int, default=0)
@@ -159,15 +165,22 @@ def peak_size(requested: int, platform: str) -> int:
     return requested or (2048 if platform == "cpu" else 8192)
 
 
-def jax_matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
-    """Measured FLOP/s of a jitted n x n x n JAX matmul in `dtype` on the default device."""
+def jax_matmul_precision(matmul: str | None) -> str:
+    """--matmul -> muse_jax's matmul_precision: None (the project's default) -> "default"."""
+    return "highest" if matmul == "float32" else "default"
+
+
+def jax_matmul_peak(dtype: str, n: int = 2048, repeats: int = 10, matmul_precision: str = "default") -> float:
+    """Measured FLOP/s of a jitted n x n x n JAX matmul in `dtype` at `matmul_precision`, default device."""
     import jax
     import jax.numpy as jnp
+
+    from muse_jax import precision
 
     ka, kb = jax.random.split(jax.random.key(0))
     a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(jnp.dot)
+    f = precision.jit(jnp.dot, matmul_precision)
     f(a, b).block_until_ready()
     return matmul_peak(lambda: f(a, b), lambda r: r.block_until_ready(), n, repeats)
 
@@ -249,15 +262,15 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 
 
 TRAIN_COLUMNS = [
-    ("impl", "impl", ""), ("config", "config", ""), ("dtype", "dtype", ""), ("batch", "batch", "d"),
-    ("ms_per_step", "ms/step", ".1f"), ("image_tokens_per_s", "img tok/s", ",.0f"), ("params", "params", ",d"),
+    ("impl", "impl", ""), ("config", "config", ""), ("dtype", "dtype", ""), ("matmul", "matmul", ""),
+    ("batch", "batch", "d"), ("ms_per_step", "ms/step", ".1f"), ("image_tokens_per_s", "img tok/s", ",.0f"), ("params", "params", ",d"),
     ("model_gflops", "GFLOP/step", ".2f"), ("measured_gflops", "GFLOP/step (counted)", ".2f"),
     ("achieved_gflops_per_s", "GFLOP/s", ".1f"), ("peak_gflops_per_s", "peak GFLOP/s", ".1f"),
     ("mfu", "MFU", ".3f"), ("compile_s", "compile s", ".1f"),
 ]
 DECODE_COLUMNS = [
-    ("impl", "impl", ""), ("config", "config", ""), ("dtype", "dtype", ""), ("batch", "batch", "d"),
-    ("decode_steps", "steps", "d"), ("s_per_batch", "s/batch", ".3f"), ("images_per_s", "images/s", ".2f"),
+    ("impl", "impl", ""), ("config", "config", ""), ("dtype", "dtype", ""), ("matmul", "matmul", ""),
+    ("batch", "batch", "d"), ("decode_steps", "steps", "d"), ("s_per_batch", "s/batch", ".3f"), ("images_per_s", "images/s", ".2f"),
     ("model_gflops", "GFLOP/batch", ".1f"), ("achieved_gflops_per_s", "GFLOP/s", ".1f"),
     ("mfu", "MFU", ".3f"), ("compile_s", "compile s", ".1f"),
 ]

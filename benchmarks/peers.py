@@ -24,6 +24,8 @@ Both: training step = forward + masked cross-entropy + backward + grad-norm clip
 (b1 0.9, b2 0.96, weight decay 0.045: ours); decode = 12 steps, guidance g = 3 in our
 convention ((1 + g) cond - g uncond, i.e. s = 4 in theirs), batch from --batch, tokens only
 (no VQGAN decode). `--dtype bfloat16` runs under torch.autocast (float32 parameters).
+`--matmul bfloat16` keeps float32 compute but lets PyTorch round float32 matmul inputs to bfloat16
+(torch.backends.mkldnn.matmul.fp32_precision = "bf16"): the like-for-like row for our default.
 Text embeddings are random inputs; no text encoder runs (nor in ours). FLOPs are counted
 with torch.utils.flop_counter over one step (and one decode step's forwards) of the peer's
 own architecture; MFU is against a 2048^3 (8192^3 on a GPU) torch matmul in the same dtype, measured in the
@@ -103,6 +105,17 @@ def _stub_torchvision() -> None:
     tv.transforms = stub("torchvision.transforms")
     tv.datasets = stub("torchvision.datasets", ImageFolder=unavailable)
     tv.utils = stub("torchvision.utils", make_grid=unavailable, save_image=unavailable)
+
+
+MATMUL = {"mode": "float32"}  # set by --matmul (set_matmul)
+
+
+def set_matmul(mode: str) -> None:
+    """--matmul bfloat16: float32 matmuls multiply bfloat16-rounded inputs (oneDNN on CPU; cuBLAS on GPU)."""
+    if mode == "bfloat16":
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        torch.set_float32_matmul_precision("medium")
+    MATMUL["mode"] = mode
 
 
 def device() -> str:
@@ -327,6 +340,7 @@ def build(name: str, shape, args, compiled=False) -> Peer:
 def base_row(peer: Peer, bench: str, peak: float | None, notes) -> dict:
     s = peer.shape
     return {"bench": bench, "impl": peer.name + ("+compile" if peer.compiled else ""), **s.describe(),
+            "matmul": MATMUL["mode"],
             "device": device(), "platform": device(), "framework": f"torch {torch.__version__}",
             "threads": torch.get_num_threads(), "params": peer.params,
             "peak_gflops_per_s": None if peak is None else peak / 1e9,
@@ -421,6 +435,7 @@ def main(argv=None) -> None:
     warning = common.check_repetitions(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_matmul(args.matmul or "float32")
     notes = MISMATCHES
     peak_n = common.peak_size(args.peak_size, device())
     peak = None if args.no_peak else common.torch_matmul_peak(shape.dtype, device(), peak_n)

@@ -36,9 +36,9 @@ from muse_jax.training import partitioning
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\w+)\((.*)$", re.M)
 
 
-def compiled_train_step(shape: common.ModelShape, seed: int = 0):
+def compiled_train_step(shape: common.ModelShape, seed: int = 0, matmul: str | None = None):
     """(call) running one training step of `train_step.py`'s program, and its compiled executable."""
-    step, state, batch, rng = train_bench.build_step(shape, seed)
+    step, state, batch, rng = train_bench.build_step(shape, seed, matmul_precision=common.jax_matmul_precision(matmul))
     with partitioning.axis_rules(step.mesh, step.rules):
         compiled = step.jitted.lower(state, batch, rng).compile()
     holder = {"state": state}
@@ -50,9 +50,9 @@ def compiled_train_step(shape: common.ModelShape, seed: int = 0):
     return call, compiled
 
 
-def compiled_decode(shape: common.ModelShape, seed: int = 0):
+def compiled_decode(shape: common.ModelShape, seed: int = 0, matmul: str | None = None):
     """(call) running `sample.py`'s 12-step guided decode once, and its compiled executable."""
-    args = argparse.Namespace(seed=seed, decode_steps=12, guidance=3.0, no_guidance=False)
+    args = argparse.Namespace(seed=seed, decode_steps=12, guidance=3.0, no_guidance=False, matmul=matmul)
     program, call_args = sample_bench.build_program(shape, args)
     compiled = program.lower(*call_args).compile()
     return (lambda: compiled(*call_args)), compiled
@@ -64,7 +64,7 @@ def instruction_info(hlo_text: str) -> dict[str, tuple[str, str]]:
     for name, opcode, rest in _INSTRUCTION.findall(hlo_text):
         fusion = re.search(r"kind=(\w+)", rest)
         op_name = re.search(r'op_name="([^"]*)"', rest)
-        if "ynn_fusion" in name or "xnn_fusion" in name or "onednn" in name:
+        if "ynn_fusion" in name or "xnn_fusion" in name or "onednn" in name:  # onednn: one dot each
             kind = "library fusion (matmul, + fused ops)"
         elif opcode == "dot":
             kind = "dot (XLA/Eigen)"
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
         ap.error(str(e))
     if args.steps < 1:
         ap.error("--steps must be >= 1")
-    call, compiled = (compiled_train_step if args.what == "train" else compiled_decode)(shape, args.seed)
+    call, compiled = (compiled_train_step if args.what == "train" else compiled_decode)(shape, args.seed, args.matmul)
     hlo = compiled.as_text()
     info = instruction_info(hlo)
     out = args.out or Path(tempfile.mkdtemp(prefix="muse_profile_"))

@@ -32,7 +32,7 @@ import numpy as np
 from flax import linen as nn
 
 import common
-from muse_jax import pipeline, sampling
+from muse_jax import pipeline, precision, sampling
 from muse_jax.models import transformer
 from muse_jax.training import step as step_lib
 from train_step import device_info, muse_config
@@ -51,14 +51,15 @@ def random_text_encoder(shape: common.ModelShape, seed: int):
 
 def build_program(shape: common.ModelShape, args: argparse.Namespace):
     """(program, call_args): the jitted stage program of `muse-jax sample` and its arguments (a list)."""
-    config = muse_config(shape)
+    config = muse_config(shape, matmul_precision=common.jax_matmul_precision(args.matmul))
     model = transformer.build(config.base)
     dummy = transformer.dummy_inputs(model, 1, shape.text_len)
     params = nn.unbox(jax.jit(lambda r: transformer.init_params(model, r, dummy))(jax.random.key(args.seed)))
     stage = pipeline.Stage.from_model("base", model, params, None, text_encode=random_text_encoder(shape, args.seed))
     guided = not args.no_guidance
     options = sampling.DecodeOptions(num_steps=args.decode_steps, mask_schedule="cosine", choice_temperature=4.5)
-    program = pipeline._stage_program(stage, options, guided, "constant")
+    program = pipeline._stage_program(stage, options, guided, "constant",
+                                      matmul_precision=config.train.matmul_precision)
     b = shape.batch
     put = lambda t: jax.tree_util.tree_map(jnp.asarray, t)  # noqa: E731
     call_args = [params, jnp.full((b, stage.num_tokens), stage.mask_token_id, jnp.int32),
@@ -91,9 +92,11 @@ def run(shape: common.ModelShape, args: argparse.Namespace) -> dict:
     abstract_params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     counted = step_lib.forward_flops(model, abstract_params, transformer.dummy_inputs(model, fwd_batch, shape.text_len))
     peak_n = common.peak_size(args.peak_size, jax.devices()[0].platform)
-    peak = None if args.no_peak else common.jax_matmul_peak(shape.dtype, peak_n)
+    mp = common.jax_matmul_precision(args.matmul)
+    peak = None if args.no_peak else common.jax_matmul_peak(shape.dtype, peak_n, matmul_precision=mp)
     return {
         "bench": "decode", "impl": "muse_jax", **shape.describe(), **device_info(),
+        "matmul": precision.multiplies(mp), "matmul_precision": mp,
         "decode_steps": args.decode_steps, "guidance": args.guidance if guided else None,
         "guidance_impl": "one batched 2B forward per step" if guided else "off",
         "s_per_batch": batch_s, "images_per_s": b / batch_s, "timing": common.spread(times),

@@ -35,12 +35,14 @@ from flax import linen as nn
 
 import common
 from muse_jax import config as config_lib
+from muse_jax import precision
 from muse_jax.models import transformer
 from muse_jax.training import partitioning
 from muse_jax.training import step as step_lib
 
 
-def muse_config(shape: common.ModelShape, remat: bool = False) -> ml_collections.ConfigDict:
+def muse_config(shape: common.ModelShape, remat: bool = False, matmul_precision: str = "default"
+                ) -> ml_collections.ConfigDict:
     """The shapes config with `base` sized by the flags, frozen (precomputed) text, AdamW."""
     config = config_lib.load_config("shapes")
     with config.unlocked():
@@ -54,6 +56,7 @@ def muse_config(shape: common.ModelShape, remat: bool = False) -> ml_collections
         config.train.optimizer = "adamw"
         config.train.batch_size = shape.batch
         config.train.ema_decay = 0.0
+        config.train.matmul_precision = matmul_precision
     return config
 
 
@@ -94,12 +97,12 @@ def device_info() -> dict[str, str]:
             "framework": f"jax {jax.__version__}"}
 
 
-def build_step(shape: common.ModelShape, seed: int = 0, remat: bool = False):
+def build_step(shape: common.ModelShape, seed: int = 0, remat: bool = False, matmul_precision: str = "default"):
     """(jitted step, state, batch, rng): the project's training step for `shape`, not yet compiled.
 
     Call the jitted step inside `partitioning.axis_rules(step.mesh, step.rules)`.
     """
-    config = muse_config(shape, remat)
+    config = muse_config(shape, remat, matmul_precision)
     model = transformer.build(config.base)
     mesh = partitioning.make_mesh(config.mesh)
     rules = partitioning.logical_rules(config)
@@ -123,7 +126,8 @@ def build_step(shape: common.ModelShape, seed: int = 0, remat: bool = False):
 
 def run(shape: common.ModelShape, args: argparse.Namespace) -> dict:
     """Builds the state and the step, compiles, times; returns the result row."""
-    train_step, state, batch, rng = build_step(shape, args.seed, args.remat)
+    mp = common.jax_matmul_precision(args.matmul)
+    train_step, state, batch, rng = build_step(shape, args.seed, args.remat, mp)
     with partitioning.axis_rules(train_step.mesh, train_step.rules):
         t0 = time.perf_counter()
         compiled = train_step.jitted.lower(state, batch, rng).compile()
@@ -144,15 +148,17 @@ def run(shape: common.ModelShape, args: argparse.Namespace) -> dict:
     flops = common.train_step_flops(shape)
     counted = xla_flops(compiled)
     peak_n = common.peak_size(args.peak_size, jax.devices()[0].platform)
-    peak = None if args.no_peak else common.jax_matmul_peak(shape.dtype, peak_n)
+    peak = None if args.no_peak else common.jax_matmul_peak(shape.dtype, peak_n, matmul_precision=mp)
     return {
         "bench": "train_step", "impl": "muse_jax", **shape.describe(), **device_info(), "remat": args.remat,
+        "matmul": precision.multiplies(mp), "matmul_precision": mp,
         "ms_per_step": 1e3 * step_s, "image_tokens_per_s": shape.batch * shape.tokens / step_s,
         "timing": common.spread(times), "steps": args.steps, "warmup": args.warmup,
         "params": params, "model_gflops": flops / 1e9, "measured_gflops": None if counted is None else counted / 1e9,
         "measured_flops_source": "XLA cost analysis of the compiled step",
         "achieved_gflops_per_s": flops / step_s / 1e9,
-        "peak_gflops_per_s": None if peak is None else peak / 1e9, "peak_matmul": f"{peak_n}^3 jnp.dot {shape.dtype}",
+        "peak_gflops_per_s": None if peak is None else peak / 1e9,
+        "peak_matmul": f"{peak_n}^3 jnp.dot {shape.dtype}, matmul_precision {mp}",
         "mfu": None if peak is None else flops / step_s / peak,
         "compile_s": compile_s, "loss": loss, "text": "random embeddings (no T5 in the step)",
     }

@@ -76,7 +76,8 @@ def _reconstruct(args, overrides):
 def _sampling_overrides(args) -> dict:
     return dict(steps=args.steps, sr_steps=args.sr_steps, guidance=args.guidance,
                 guidance_schedule=args.guidance_schedule, negative_prompt=args.negative_prompt,
-                temperature=args.temperature, top_k=args.top_k, choice_temperature=args.choice_temperature)
+                temperature=args.temperature, top_k=args.top_k, choice_temperature=args.choice_temperature,
+                matmul_precision=args.matmul_precision)
 
 
 def _sample(args, overrides):
@@ -119,6 +120,8 @@ def _add_sampling_args(p):
     p.add_argument("--temperature", type=float, help="sampling temperature on the logits")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--choice-temperature", type=float, help="Gumbel temperature of the confidence ranking")
+    p.add_argument("--matmul-precision", choices=["default", "highest"],
+                   help="default: the backend's fast matmul (bfloat16 multiplies on TPUs and AMX CPUs); highest: float32")
     p.add_argument("--seed", type=int, default=0)
 
 

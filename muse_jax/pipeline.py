@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from muse_jax import editing, sampling
+from muse_jax import editing, precision, sampling
 
 STAGES = ("base", "superres")
 
@@ -48,8 +48,10 @@ class SampleOptions:
     edit_iterations: int = 12
     edit_fraction: float = 0.08
     edit_choice_temperature: float = 1.0
+    matmul_precision: str = "default"  # muse_jax.precision.PRECISIONS
 
     def __post_init__(self):
+        precision.check(self.matmul_precision)
         if self.guidance_schedule not in sampling.GUIDANCE_SCHEDULES:
             raise ValueError(
                 f"unknown guidance schedule {self.guidance_schedule!r}; expected one of {sampling.GUIDANCE_SCHEDULES}"
@@ -136,7 +138,7 @@ class Stage:
 
 
 def _stage_program(stage: Stage, options: sampling.DecodeOptions | None, guided: bool, guidance_schedule: str,
-                   edit: tuple[int, float, float] | None = None):
+                   edit: tuple[int, float, float] | None = None, matmul_precision: str = "default"):
     """One jitted program: (params, start [B,N], cond, uncond, lowres, rng, g) -> tokens [B, N].
 
     options: decode (generation from a fully masked start, or inpainting from given tokens);
@@ -165,7 +167,7 @@ def _stage_program(stage: Stage, options: sampling.DecodeOptions | None, guided:
             )
         return sampling.decode(fn, start, rng, mask_token_id=stage.mask_token_id, options=options)
 
-    return jax.jit(program)
+    return precision.jit(program, matmul_precision)
 
 
 class Pipeline:
@@ -235,9 +237,9 @@ class Pipeline:
         stage_key = "base" if stage is self.base else "superres"
         dec = opts.decode_options(stage_key)
         e = (opts.edit_iterations, opts.edit_fraction, opts.edit_choice_temperature) if edit else None
-        key = (stage_key, dec, guided, opts.guidance_schedule, e)
+        key = (stage_key, dec, guided, opts.guidance_schedule, e, opts.matmul_precision)
         if key not in self._programs:
-            self._programs[key] = _stage_program(stage, dec, guided, opts.guidance_schedule, e)
+            self._programs[key] = _stage_program(stage, dec, guided, opts.guidance_schedule, e, opts.matmul_precision)
         return self._programs[key]
 
     def _put(self, x):

@@ -19,11 +19,32 @@ def _run(script, *args):
 
 
 def test_train_step_and_decode_benchmarks_report_json():
+    from muse_jax import precision
+
     train = json.loads(_run("train_step.py", "--json", "--no-peak"))
     assert train["bench"] == "train_step" and train["ms_per_step"] > 0 and train["model_gflops"] > 0
     assert train["tokens"] == 16 and train["batch"] == 2 and "only 2 timed" in train["warning"]
-    decode = json.loads(_run("sample.py", "--json", "--no-peak"))
+    assert train["matmul_precision"] == "default" and train["matmul"] == precision.multiplies("default")
+    decode = json.loads(_run("sample.py", "--json", "--no-peak", "--matmul", "float32"))
     assert decode["bench"] == "decode" and decode["s_per_batch"] > 0 and decode["decode_steps"] == 12
+    assert decode["matmul_precision"] == "highest" and decode["matmul"] == "float32"
+
+
+def test_compare_pairs_each_of_our_rows_with_each_peer_row_of_the_same_model():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import compare
+    finally:
+        sys.path.remove(str(BENCH))
+    key = {"bench": "train_step", "config": "small", "dtype": "float32"}
+    rows = [{**key, "impl": "muse_jax", "matmul": "bfloat16", "ms_per_step": 100.0},
+            {**key, "impl": "muse_jax", "matmul": "float32", "ms_per_step": 200.0},
+            {**key, "impl": "aMUSEd", "matmul": "float32", "ms_per_step": 150.0},
+            {**key, "impl": "aMUSEd", "matmul": "bfloat16", "ms_per_step": 80.0},
+            {**key, "config": "medium", "impl": "aMUSEd", "ms_per_step": 1.0}]  # no row of ours: no ratio
+    got = {(r["ours_matmul"], r["peer_matmul"]): r.get("speedup") for r in compare.ratios(rows)}
+    assert got == {("bfloat16", "float32"): 1.5, ("float32", "float32"): 0.75, ("bfloat16", "bfloat16"): 0.8,
+                   ("float32", "bfloat16"): 0.4, (None, "float32"): None}
 
 
 @pytest.mark.parametrize("what, phases", [("train", ("forward", "backward")), ("decode", ("decode loop",))])

@@ -31,6 +31,8 @@ OVERRIDES = [
     "--config.train.batch_size=8", "--config.train.num_steps=4", "--config.train.log_every=1",
     "--config.train.checkpoint_every=2", "--config.train.sample_every=0", "--config.train.warmup_steps=1",
     "--config.train.lr=0.01", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=1",
+    # float32 matmuls: the runs are compared to 1e-5 (bfloat16 multiplies round per shard shape)
+    "--config.train.matmul_precision=highest",
     # a dead peer is declared after 5 s (default 100 s); then JAX aborts the others
     "--config.distributed.heartbeat_timeout_s=5", "--config.distributed.initialization_timeout_s=60",
 ]

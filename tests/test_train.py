@@ -134,7 +134,9 @@ def test_sharded_meshes_match_one_device_and_restore_onto_another_mesh(tmp_path)
         from muse_jax.training import loop
 
         def run(mesh, workdir, stop_at=None, devices=None):
+            # float32 matmuls: with bfloat16 multiplies (the CPU default) rounding depends on shard shapes.
             cfg = tiny_config("--config.train.num_steps=3", "--config.train.checkpoint_every=2",
+                              "--config.train.matmul_precision=highest",
                               f"--config.mesh.data={mesh[0]}", f"--config.mesh.fsdp={mesh[1]}",
                               f"--config.mesh.tensor={mesh[2]}")
             r = loop.train_stage(cfg, workdir, "base", data=_data(cfg), quiet=True, stop_at=stop_at, devices=devices)

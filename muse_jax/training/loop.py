@@ -35,6 +35,7 @@ import numpy as np
 from muse_jax import config as config_lib
 from muse_jax import editing
 from muse_jax import paths
+from muse_jax import precision
 from muse_jax.data import pipeline
 from muse_jax.models import transformer as transformer_lib
 from muse_jax.training import checkpoint as ckpt_lib
@@ -350,6 +351,7 @@ def train_stage(
     workdir = paths.as_path(workdir)
     config = stage_config(config, stage)
     t = config.train
+    precision.check(t.get("matmul_precision", "default"))  # before anything is written
     out_dir = stage_dir(workdir, stage)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save_config(config, out_dir / "config.json")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from muse_jax import masking
+from muse_jax import masking, precision
 from muse_jax.models import transformer as transformer_lib
 from muse_jax.training import partitioning
 
@@ -167,8 +167,9 @@ def make_train_step(config, model, mesh, state_shardings, *, empty_text=None, ru
     if batch_keys is not None:
         batch_sh = {k: partitioning.batch_sharding(mesh, rules, nd) for k, nd in batch_keys.items()}
     replicated = NamedSharding(mesh, P())
-    jitted = jax.jit(
+    jitted = precision.jit(
         step,
+        t.get("matmul_precision", "default"),
         in_shardings=(state_shardings, batch_sh, replicated),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
