@@ -8,6 +8,8 @@ and the paper's training (batch 512, Adafactor, 1M steps, lr 1e-4, 5000 warm-up 
 import importlib.util
 import pathlib
 
+import ml_collections
+
 
 def _load(name):
     path = pathlib.Path(__file__).with_name(f"{name}.py")
@@ -33,4 +35,8 @@ def paper_config(stage, arg=None, **sizes):
     config.train.num_steps = 1_000_000
     config.train.lr = 1e-4
     config.train.warmup_steps = 5000
+    # The shapes default's per-stage overrides (small super-res batches, a super-res stage started
+    # from the trained base) do not apply: the paper trains each stage from scratch at these settings.
+    config.train_base = ml_collections.ConfigDict()
+    config.train_superres = ml_collections.ConfigDict()
     return config

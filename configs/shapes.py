@@ -150,7 +150,7 @@ def get_config(arg=None):
 
     # Transformer training (muse_jax/training/{step,loop}.py), shared by both stages.
     t = config.train = ml_collections.ConfigDict()
-    t.num_steps = 2500  # base: ~4 min on an idle 2-core CPU (0.096 s/step); more steps, better shapes
+    t.num_steps = 2000  # base: 3.3-4 min on an idle 2-core CPU (0.10-0.12 s/step); more steps, better samples
     t.batch_size = 16  # global; must divide over the mesh's data*fsdp axes
     t.optimizer = "adamw"  # or "adafactor"
     t.lr = 2e-3  # the paper's 1e-4 is for its 632M/3B models; tiny models take a larger step
@@ -161,6 +161,7 @@ def get_config(arg=None):
     t.label_smoothing = 0.1
     t.mask_schedule = "cosine"  # training mask rates ~ truncated arccos
     t.text_drop_rate = 0.1  # captions replaced by the empty prompt (classifier-free guidance)
+    t.init_from = ""  # "" = random init; "base": start from the trained base stage's weights (super-res)
     t.ema_decay = 0.0  # > 0 keeps EMA weights (used for sampling)
     t.log_every = 50
     t.checkpoint_every = 500
@@ -173,9 +174,12 @@ def get_config(arg=None):
     t.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device kind (none for CPU)
     t.compilation_cache_dir = "{workdir}/cache/jax"  # persistent XLA cache ("" = off)
     # Per-stage overrides of config.train, sized for the ~15 min quickstart on a 2-core CPU (small
-    # batches, more updates): super-res steps see 256 tokens per image (4x base), ~2 min for 400.
+    # batches, more updates): super-res steps see 256 tokens per image (4x base), 0.19-0.26 s each.
     config.train_base = ml_collections.ConfigDict()
-    config.train_superres = ml_collections.ConfigDict(dict(batch_size=8, num_steps=400))
+    # The super-res stage starts from the trained base's weights (init_from; a departure from Muse,
+    # which trains each stage from scratch). 1200 super-res steps after a 2500-step base, 64 one-object
+    # test captions fully correct through the whole cascade: 36 % from scratch, 73 % warm-started.
+    config.train_superres = ml_collections.ConfigDict(dict(batch_size=8, num_steps=900, init_from="base"))
 
     # Sampling and editing (muse_jax/sampling.py, editing.py, pipeline.py; `muse-jax sample|edit`).
     # Muse uses 24 base / 8 super-res steps for 256 / 4096 tokens; 8x8 base tokens need fewer.
@@ -202,7 +206,7 @@ def get_config(arg=None):
     q.eval_prompts = 200  # test-split prompts, equally over the four groups
     q.sweep_steps = (4, 8, 12, 24)  # base decoding steps swept (time per image beside each)
     q.sweep_guidance = (0.0, 1.0, 3.0, 5.0)
-    q.sweep_prompts = 48
+    q.sweep_prompts = 32  # a multiple of config.sample.batch_size: no padded images in the timings
     q.tokenizer_images = 500  # test images for PSNR/SSIM/rFID
     q.detector_images = 500  # real test images the detector must judge >= 99 % right first
     q.stage_images = 64  # one-object test images scored stage by stage (0: skip)

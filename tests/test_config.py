@@ -2,6 +2,7 @@
 import pytest
 
 from muse_jax import config as config_lib
+from muse_jax.training import loop
 
 
 def test_named_config_and_overrides():
@@ -40,5 +41,8 @@ def test_paper_configs_share_one_helper_which_is_not_a_config():
     for c, stage in ((base, "base"), (big, "base"), (sr, "superres")):
         assert (c[stage].codebook_size, c[stage].text_dim, c[stage].dtype) == (8192, 4096, "bfloat16")
         assert (c.train.batch_size, c.train.optimizer, c.text.encoder.d_model) == (512, "adafactor", 4096)
+        # The shapes default's per-stage overrides (super-res batch 8, warm start from the base) are gone.
+        t = loop.stage_config(c, stage).train
+        assert (t.batch_size, t.num_steps, t.init_from) == (512, 1_000_000, "")
     with pytest.raises(ValueError, match="shared helpers, not a config"):
         config_lib.load_config("_paper")

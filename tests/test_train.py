@@ -3,6 +3,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import tempfile
 
@@ -25,7 +26,7 @@ TINY = [
     "--config.text.encoder.d_kv=8", "--config.text.encoder.d_ff=32", "--config.text.encoder.num_layers=1",
     "--config.text.encoder.num_heads=4", "--config.train.batch_size=8", "--config.train.warmup_steps=2",
     "--config.train.log_every=1", "--config.train.sample_every=0", "--config.train.lr=3e-3",
-    "--config.train_superres.batch_size=8",
+    "--config.train_superres.batch_size=8", "--config.train_superres.init_from=",  # super-res alone: no base
 ]
 
 
@@ -62,6 +63,46 @@ def test_loss_decreases_on_both_stages(tmp_path):
         assert r["final_step"] == 40 and r["status"] == "done"
         assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), (stage, losses)
     assert (tmp_path / "superres" / "superres" / "checkpoints" / "40").is_dir()
+
+
+def test_superres_warm_starts_from_the_trained_base(tmp_path):
+    grids = ("--config.base.grid_size=2",)  # the base makes the super-res stage's 2x2 low-res grid
+    cfg = tiny_config("--config.train.num_steps=3", "--config.train_superres.num_steps=3", *grids)
+    loop.train_stage(cfg, tmp_path, "base", data=_data(cfg), quiet=True)
+    _, base, _ = loop.load_stage(tmp_path, "base")
+    cold = loop.train_stage(cfg, tmp_path / "cold", "superres", data=_data(cfg, "superres"), stop_at=0, quiet=True)
+    warm_cfg = tiny_config("--config.train.num_steps=3", "--config.train_superres.num_steps=3",
+                           "--config.train_superres.init_from=base", *grids)
+    warm = loop.train_stage(warm_cfg, tmp_path, "superres", data=_data(cfg, "superres"), stop_at=0, quiet=True)
+    b, w, c = (jax.device_get(x) for x in (base, warm["state"].params, cold["state"].params))
+    # Same path and shape: copied (the decoder, head and text encoder).
+    np.testing.assert_array_equal(w["decoder"]["block_0"]["mlp"]["wi"]["kernel"], b["decoder"]["block_0"]["mlp"]["wi"]["kernel"])
+    np.testing.assert_array_equal(w["text_encoder"]["token_embedder"]["embedding"],
+                                  b["text_encoder"]["token_embedder"]["embedding"])
+    # Position embeddings: the base's 2x2 grid repeated over the 4x4 super-res grid it covers.
+    pos = b["tokens"]["position_embedding"]
+    np.testing.assert_array_equal(w["tokens"]["position_embedding"], pos.repeat(2, 0).repeat(2, 1))
+    np.testing.assert_array_equal(w["lowres_tokens"]["position_embedding"], pos)
+    # Low-res codes are the base's codes (less its mask token's row).
+    np.testing.assert_array_equal(w["lowres_tokens"]["embedding"], b["tokens"]["embedding"][:64])
+    # No base counterpart: the fresh init (same seed as the cold start).
+    np.testing.assert_array_equal(w["lowres_add"]["kernel"], c["lowres_add"]["kernel"])
+    assert not np.array_equal(w["decoder"]["block_0"]["mlp"]["wi"]["kernel"], c["decoder"]["block_0"]["mlp"]["wi"]["kernel"])
+
+    # Resuming does not warm-start again: it continues from the checkpoint, as uninterrupted training does.
+    shutil.copytree(tmp_path / "base", tmp_path / "w2" / "base")
+    full = loop.train_stage(warm_cfg, tmp_path / "w2", "superres", data=_data(cfg, "superres"), quiet=True)
+    loop.train_stage(warm_cfg, tmp_path, "superres", data=_data(cfg, "superres"), stop_at=2, quiet=True)
+    resumed = loop.train_stage(warm_cfg, tmp_path, "superres", data=_data(cfg, "superres"), quiet=True)
+    assert sorted(resumed["losses"]) == [3] and resumed["losses"][3] == full["losses"][3]
+    for x, y in zip(_params(full), _params(resumed)):
+        np.testing.assert_array_equal(x, y)
+    # A bad source stage, or a missing trained base, is a clear error.
+    with pytest.raises(ValueError, match="init_from='superres'"):
+        loop.train_stage(tiny_config("--config.train_superres.init_from=superres"), tmp_path / "x", "superres",
+                         data=_data(cfg, "superres"), stop_at=0, quiet=True)
+    with pytest.raises(FileNotFoundError, match="no trained base stage"):
+        loop.train_stage(warm_cfg, tmp_path / "nobase", "superres", data=_data(cfg, "superres"), stop_at=0, quiet=True)
 
 
 def test_resume_equals_uninterrupted_and_corrupt_newest_falls_back(tmp_path):

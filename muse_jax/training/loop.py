@@ -252,6 +252,63 @@ def state_setup(config, model, mesh, rules):
     return create, abstract, partitioning.state_shardings(abstract, mesh, rules)
 
 
+def warm_start_params(params, source) -> tuple[Any, list[str]]:
+    """`params` with the leaves of `source` (another stage's trained params) copied in.
+
+    A leaf is copied where `source` has the same path and shape; a super-res model also takes the
+    base's token embeddings for its low-res tokens (the same codebook at the base resolution) and
+    the base's position embeddings, repeated over the positions each covers. Returns the new
+    params and the copied paths."""
+    src = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(source)[0]}
+    alias = {"['lowres_tokens']['embedding']": "['tokens']['embedding']",
+             "['lowres_tokens']['embedding_norm']['bias']": "['tokens']['embedding_norm']['bias']",
+             "['lowres_tokens']['embedding_norm']['scale']": "['tokens']['embedding_norm']['scale']",
+             "['lowres_tokens']['position_embedding']": "['tokens']['position_embedding']"}
+    copied = []
+
+    def source_name(name: str) -> str:
+        if name.startswith("['lowres_encoder']"):  # the base's blocks already process base-size tokens
+            return name.replace("['lowres_encoder']", "['decoder']", 1)
+        return alias.get(name, "")
+
+    def take(path, leaf):
+        name = jax.tree_util.keystr(path)
+        v = src.get(name, src.get(source_name(name), None))
+        if v is None:
+            return leaf
+        if name == "['lowres_tokens']['embedding']":
+            v = v[: leaf.shape[0]]  # the base's mask-token row is not a low-res code
+        if name.endswith("['position_embedding']") and v.ndim == 3 and leaf.shape[0] % v.shape[0] == 0 \
+                and leaf.shape[0] // v.shape[0] == leaf.shape[1] // v.shape[1]:
+            r = leaf.shape[0] // v.shape[0]
+            v = v.repeat(r, 0).repeat(r, 1)
+        if v.shape != leaf.shape:
+            return leaf
+        copied.append(name)
+        return jnp.asarray(v, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(take, params), copied
+
+
+def _warm_start(state, shardings, workdir, stage: str, source_stage: str, quiet: bool):
+    """config.train.init_from: start `stage` from `source_stage`'s trained weights (fresh optimizer).
+
+    Every process reads the source stage whole (`load_stage`) and places its copy on the mesh."""
+    if source_stage == stage or source_stage not in STAGES:
+        raise ValueError(f"config.train.init_from={source_stage!r}: expected another stage, one of "
+                         f"{[s for s in STAGES if s != stage]} (or '' for a random init)")
+    _, source, _ = load_stage(workdir, source_stage)
+    params, copied = warm_start_params(jax.device_get(state.params), jax.device_get(source))
+    if not copied:
+        raise ValueError(f"config.train.init_from={source_stage!r}: no parameter of {stage} matches {source_stage}'s")
+    if not quiet:
+        n = len(jax.tree_util.tree_leaves(params))
+        print(f"{stage}: {len(copied)} of {n} parameter arrays start from the trained {source_stage} stage")
+    params = jax.device_put(params, shardings.params)
+    ema = state.ema_params if state.ema_params is None else params
+    return state.replace(params=params, ema_params=ema)
+
+
 def stage_dir(workdir, stage) -> pathlib.Path:
     return paths.as_path(workdir) / stage
 
@@ -271,7 +328,7 @@ def load_stage(workdir, stage: str, *, step: int | None = None, use_ema: bool = 
 
     config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
     model = build_model(config, stage)
-    mesh = partitioning.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    mesh = partitioning.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
     rules = partitioning.logical_rules(config)
     _, abstract, shardings = state_setup(config, model, mesh, rules)
     target = ckpt_lib.abstract_with_shardings(nn.unbox(abstract), shardings)
@@ -385,6 +442,8 @@ def train_stage(
             log.info("resumed %s from step %d", stage, start)
         else:
             state = jax.jit(lambda r: nn.unbox(create(r)), out_shardings=shardings)(init_rng)
+    if start == 0 and t.get("init_from", ""):  # (outside axis_rules: load_stage makes its own mesh)
+        state = _warm_start(state, shardings, workdir, stage, str(t.init_from), quiet)
 
     sample = data.source[0]
     batch_keys = {k: np.asarray(v).ndim + 1 for k, v in sample.items()}
