@@ -97,6 +97,15 @@ def test_superres_warm_starts_from_the_trained_base(tmp_path):
     assert sorted(resumed["losses"]) == [3] and resumed["losses"][3] == full["losses"][3]
     for x, y in zip(_params(full), _params(resumed)):
         np.testing.assert_array_equal(x, y)
+    # With EMA weights kept, they start from the warm-started weights too (and train).
+    ema_cfg = tiny_config("--config.train.num_steps=3", "--config.train_superres.num_steps=2",
+                          "--config.train_superres.init_from=base", "--config.train.ema_decay=0.5", *grids)
+    shutil.copytree(tmp_path / "base", tmp_path / "ema" / "base")
+    start = loop.train_stage(ema_cfg, tmp_path / "ema", "superres", data=_data(cfg, "superres"), stop_at=0, quiet=True)
+    np.testing.assert_array_equal(jax.device_get(start["state"].ema_params["lowres_tokens"]["embedding"]),
+                                  b["tokens"]["embedding"][:64])
+    assert loop.train_stage(ema_cfg, tmp_path / "ema", "superres", data=_data(cfg, "superres"),
+                            quiet=True)["final_step"] == 2
     # A bad source stage, or a missing trained base, is a clear error.
     with pytest.raises(ValueError, match="init_from='superres'"):
         loop.train_stage(tiny_config("--config.train_superres.init_from=superres"), tmp_path / "x", "superres",

@@ -304,9 +304,11 @@ def _warm_start(state, shardings, workdir, stage: str, source_stage: str, quiet:
     if not quiet:
         n = len(jax.tree_util.tree_leaves(params))
         print(f"{stage}: {len(copied)} of {n} parameter arrays start from the trained {source_stage} stage")
-    params = jax.device_put(params, shardings.params)
-    ema = state.ema_params if state.ema_params is None else params
-    return state.replace(params=params, ema_params=ema)
+    # Host copies of their own: on CPU, device_put may alias a numpy buffer, and the train step
+    # donates params and EMA params (the EMA starts from the same weights).
+    own = lambda tree, sh: jax.device_put(jax.tree.map(lambda x: np.array(x, copy=True), tree), sh)  # noqa: E731
+    ema = None if state.ema_params is None else own(params, shardings.ema_params)
+    return state.replace(params=own(params, shardings.params), ema_params=ema)
 
 
 def stage_dir(workdir, stage) -> pathlib.Path:
