@@ -255,10 +255,11 @@ def state_setup(config, model, mesh, rules):
 def warm_start_params(params, source) -> tuple[Any, list[str]]:
     """`params` with the leaves of `source` (another stage's trained params) copied in.
 
-    A leaf is copied where `source` has the same path and shape; a super-res model also takes the
-    base's token embeddings for its low-res tokens (the same codebook at the base resolution) and
-    the base's position embeddings, repeated over the positions each covers. Returns the new
-    params and the copied paths."""
+    A leaf is copied where `source` has the same path and shape. A super-res model also takes the
+    base's position embeddings repeated over the high-res positions each covers; and for its low-res
+    token encoder, which reads base-resolution tokens of the same codebook, the base's token and
+    position embeddings and its blocks (`decoder/block_i`, whose cross-attention it lacks).
+    Returns the new params and the copied paths."""
     src = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(source)[0]}
     alias = {"['lowres_tokens']['embedding']": "['tokens']['embedding']",
              "['lowres_tokens']['embedding_norm']['bias']": "['tokens']['embedding_norm']['bias']",
