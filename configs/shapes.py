@@ -209,5 +209,5 @@ def get_config(arg=None):
     q.sweep_prompts = 32  # a multiple of config.sample.batch_size: no padded images in the timings
     q.tokenizer_images = 500  # test images for PSNR/SSIM/rFID
     q.detector_images = 500  # real test images the detector must judge >= 99 % right first
-    q.stage_images = 64  # one-object test images scored stage by stage (0: skip)
+    q.stage_images = 48  # test images of one and of two objects (each) scored stage by stage (0: skip)
     return config

@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-steps", help="comma-separated base step counts to sweep, e.g. 4,8,12,24")
     p.add_argument("--sweep-guidance", help="comma-separated guidance scales to sweep, e.g. 0,1,3,5")
     p.add_argument("--sweep-prompts", type=int, default=64, help="prompts per sweep point")
-    p.add_argument("--stage-images", type=int, default=64,
-                   help="one-object test images scored stage by stage (tokenizer, super-res, base; 0: skip)")
+    p.add_argument("--stage-images", type=int, default=48,
+                   help="test images of one and of two objects (each) scored stage by stage "
+                        "(tokenizer, super-res, base; 0: skip)")
     p.add_argument("--inception", help="InceptionV3 FID weights (pytorch-fid .pth or .npz) for a standard FID")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_eval)

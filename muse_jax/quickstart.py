@@ -72,19 +72,25 @@ def _pct(x) -> str:
 
 
 def _stage_lines(stages: dict | None) -> list[str]:
-    """Markdown: the stage-by-stage table (`evaluation.run.stage_breakdown`), if it was run."""
+    """Markdown: the stage-by-stage tables (`evaluation.run.stage_breakdown`), if they were run."""
     if not stages:
         return []
-    first = next(iter(stages.values()))
-    attrs = sorted(first["attributes"])
-    return [
-        f"### Stage by stage ({first['num']} one-object test captions)", "",
+    lines = [
+        "### Stage by stage", "",
         "Where the cascade loses what the caption says: real images, the tokenizer alone, the super-res "
-        "stage given the real images' base tokens, the base stage alone (upsampled), the whole cascade.", "",
-        "| images | fully correct | " + " | ".join(attrs) + " |", "|---|---|" + "---|" * len(attrs),
-        *[f"| {name} | {_pct(r['all'])} | " + " | ".join(_pct(r["attributes"][k]) for k in attrs) + " |"
-          for name, r in stages.items()], "",
+        "stage given the real images' base tokens, the base stage alone (upsampled), the whole cascade. "
+        "A stage's row bounds what the stages after it can reach.", "",
     ]
+    for kind, rows in stages.items():
+        first = next(iter(rows.values()))
+        attrs = sorted(first["attributes"])
+        lines += [
+            f"{first['num']} {kind} test captions:", "",
+            "| images | fully correct | " + " | ".join(attrs) + " |", "|---|---|" + "---|" * len(attrs),
+            *[f"| {name} | {_pct(r['all'])} | " + " | ".join(_pct(r["attributes"][k]) for k in attrs) + " |"
+              for name, r in rows.items()], "",
+        ]
+    return lines
 
 
 def write_report(workdir: pathlib.Path, cfg, ev: dict, timings: dict) -> pathlib.Path:

@@ -97,3 +97,11 @@ def test_stage_breakdown_scores_each_stage_from_its_own_images():
     assert broken["tokenizer, base size"] == good["tokenizer, base size"]
     with pytest.raises(ValueError, match="at least one image"):
         run.stage_breakdown(_ImagePipeline(), 0)
+
+    two = run.stage_breakdown(_ImagePipeline(broken_superres=True), 12, objects=2)
+    assert all(r["num"] == 12 for r in two.values())
+    assert two["real images"]["all"] == 1.0 and two["whole cascade"]["all"] == 0.0
+    assert two["real images"]["attributes"]["count"] == 1.0 and "relation" in two["real images"]["attributes"]
+    assert "relation" not in good["real images"]["attributes"]  # one-object captions state no relation
+    with pytest.raises(ValueError, match="1 or 2 objects"):
+        run.stage_breakdown(_ImagePipeline(), 12, objects=3)

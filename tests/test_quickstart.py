@@ -46,8 +46,11 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     assert ev["generation"]["alignment"]["num"] == 8
     assert 0 < ev["tokenizer"]["psnr"] < 100 and 0 < ev["tokenizer"]["psnr_lowres"] < 100
     assert [r["steps"] for r in ev["sweeps"]["steps"]["results"]] == [1, 2]
-    assert ev["stages"]["real images"]["all"] == 1.0 and ev["stages"]["whole cascade"]["num"] == 3
-    assert "### Stage by stage (3 one-object test captions)" in text and "| whole cascade |" in text
+    for kind in ("one object", "two objects"):
+        assert ev["stages"][kind]["real images"]["all"] == 1.0 and ev["stages"][kind]["whole cascade"]["num"] == 3
+        assert f"3 {kind} test captions:" in text
+    assert "### Stage by stage" in text and text.count("| whole cascade |") == 2
+    assert "relation" in ev["stages"]["two objects"]["real images"]["attributes"]
     assert (w / "eval" / "sweep_steps.png").is_file() and (w / "eval" / "sweep_guidance.json").is_file()
 
     # Same workdir again: every training stage resumes at its last checkpoint instead of training.

@@ -66,8 +66,10 @@ def _generate_and_score(pipe, prompts: Sequence[str], cache_dir: str, seed: int,
     return images, result
 
 
-def stage_breakdown(pipe, num: int, seed: int = 0, overrides: dict | None = None) -> dict[str, Any]:
-    """Where the cascade loses text alignment, on the first `num` one-object test images and captions.
+def stage_breakdown(pipe, num: int, seed: int = 0, overrides: dict | None = None,
+                    objects: int = 1) -> dict[str, Any]:
+    """Where the cascade loses text alignment, on the first `num` test images (and captions) of
+    `objects` objects (1: one-object scenes; 2: relation and places scenes).
 
     Rows (each an `alignment.alignment_report` without groups): the real images; the tokenizer's
     reconstructions at full and at base resolution; the super-res stage given the real images' base
@@ -76,13 +78,15 @@ def stage_breakdown(pipe, num: int, seed: int = 0, overrides: dict | None = None
     """
     if num < 1:
         raise ValueError(f"the stage-by-stage evaluation needs at least one image, got num={num}")
+    if objects not in (1, 2):
+        raise ValueError(f"shapes scenes hold 1 or 2 objects, got objects={objects}")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     images, captions = [], []
     for index in range(100 * num):
         if len(images) == num:
             break
         ex = shapes.make_example(seed, "test", index)
-        if alignment.parse_caption(ex["caption"])["kind"] == "one":
+        if (alignment.parse_caption(ex["caption"])["kind"] == "one") == (objects == 1):
             images.append(ex["image"])
             captions.append(ex["caption"])
     images = np.stack(images)
@@ -157,9 +161,10 @@ def run(workdir, out_dir, *, num_prompts: int = 200, seed: int = 0, steps: int |
 
     stages = {}
     if num_stage_images:
-        say(f"scoring each stage on {num_stage_images} one-object test captions ...")
-        stages = stage_breakdown(pipe, num_stage_images, seed, overrides)
-        say("  " + ", ".join(f"{k} {v['all']:.0%}" for k, v in stages.items()))
+        for objects, name in ((1, "one object"), (2, "two objects")):
+            say(f"scoring each stage on {num_stage_images} {name} test captions ...")
+            stages[name] = stage_breakdown(pipe, num_stage_images, seed, overrides, objects=objects)
+            say("  " + ", ".join(f"{k} {v['all']:.0%}" for k, v in stages[name].items()))
 
     sweeps = {}
     for name, values in (("steps", sweep_steps), ("guidance", sweep_guidance)):
