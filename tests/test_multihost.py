@@ -3,7 +3,9 @@
 The 2-process job trains a tiny base model on a data=2, fsdp=2 mesh; process 1 dies at step 3
 (after the step-2 checkpoint); process 0 must then exit by itself (no hang). A relaunch resumes
 from step 2 and finishes; its losses and final parameters must match an uninterrupted
-single-process run on 4 devices fed the same global batches. Every child is killed on timeout.
+single-process run on 4 devices fed the same global batches. Then the super-res stage of each run
+starts from its base (config.train.init_from) and trains 2 steps: 2 processes must match 1 again.
+Every child is killed on timeout.
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ OVERRIDES = [
     "--config.train.batch_size=8", "--config.train.num_steps=4", "--config.train.log_every=1",
     "--config.train.checkpoint_every=2", "--config.train.sample_every=0", "--config.train.warmup_steps=1",
     "--config.train.lr=0.01", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=1",
+    # the super-res stage (warm-started from the base: config.train_superres.init_from = "base")
+    "--config.superres.num_layers=2", "--config.superres.width=32", "--config.superres.mlp_dim=64",
+    "--config.superres.num_heads=2", "--config.superres.codebook_size=64", "--config.superres.text_dim=16",
+    "--config.superres.num_lowres_layers=1", "--config.train_superres.num_steps=2",
     # float32 matmuls: the runs are compared to 1e-5 (bfloat16 multiplies round per shard shape)
     "--config.train.matmul_precision=highest",
     # a dead peer is declared after 5 s (default 100 s); then JAX aborts the others
@@ -49,7 +55,8 @@ from muse_jax.training import loop
 
 mode, workdir, out = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
 crash_step = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-data = loop.synthetic_stage_data(config, "base", num=64)
+stage = os.environ["STAGE"]
+data = loop.synthetic_stage_data(config, stage, num=64)
 seed = int(config.data.shuffle_seed)
 
 # each process reads only its own shard of the records
@@ -84,7 +91,7 @@ def make_train_step(*args, **kwargs):
     def wrapped(state, batch, rng):
         step = int(jax.device_get(state.step)) + 1
         if step == crash_step and info.process_index == 1:
-            ckpt = workdir / "base" / "checkpoints" / str(step - 1)
+            ckpt = workdir / stage / "checkpoints" / str(step - 1)
             t0 = time.time()
             while not ckpt.is_dir() and time.time() - t0 < 30:   # the previous checkpoint is final
                 time.sleep(0.1)
@@ -98,7 +105,7 @@ def make_train_step(*args, **kwargs):
     return wrapped
 loop.step_lib.make_train_step = make_train_step
 
-summary = loop.train_stage(config, workdir, "base", data=data, quiet=True)
+summary = loop.train_stage(config, workdir, stage, data=data, quiet=True)
 params = multihost_utils.process_allgather(summary["state"].params, tiled=True)
 flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
 if info.process_index == 0:
@@ -108,13 +115,13 @@ if info.process_index == 0:
 '''
 
 
-def _launch(args, tmp_path, name, *, processes=2, timeout=150, wait_all=False):
+def _launch(args, tmp_path, name, *, processes=2, timeout=150, wait_all=False, stage="base"):
     """Runs the worker with launch/local.sh (or directly for 1 process); kills everything on timeout."""
     worker = tmp_path / "worker.py"
     if not worker.exists():
         worker.write_text(WORKER)
     logs = tmp_path / f"logs_{name}"
-    env = dict(os.environ, OVERRIDES=json.dumps(OVERRIDES), PYTHON=sys.executable, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, OVERRIDES=json.dumps(OVERRIDES), PYTHON=sys.executable, JAX_PLATFORMS="cpu", STAGE=stage)
     env.pop("XLA_FLAGS", None)
     # the crash and resume launches compile the same programs: share a compilation cache
     env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -195,6 +202,27 @@ def test_two_processes_crash_resume_match_single_process(tmp_path):
         np.testing.assert_allclose(mh["params"][k], ref["params"][k], rtol=1e-5, atol=1e-6, err_msg=k)
     assert not any(np.array_equal(ref["params"][k], np.zeros_like(ref["params"][k])) for k in ref["params"]
                    if "kernel" in k)
+
+    # 4) the super-res stage of each workdir, warm-started from its base: 2 processes (each reads
+    #    the base whole and places it on the data=2 x fsdp=2 mesh) vs 1 process on 4 devices
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reference = pool.submit(_launch, ["reference", str(tmp_path / "ref_wd"), str(ref_out)], tmp_path,
+                                "ref_sr", processes=1, stage="superres")
+        rc, output, logs, _ = _launch(["multihost", str(wd), str(mh_out)], tmp_path, "sr", stage="superres")
+        ref_rc, ref_output, _, _ = reference.result()
+    assert ref_rc == 0, ref_output[-4000:]
+    assert rc == 0, output[-4000:] + "\n".join(logs.values())[-4000:]
+    ref_sr, mh_sr = _result(ref_out), _result(mh_out)
+    assert sorted(mh_sr["losses"]) == sorted(ref_sr["losses"]) == [1, 2]
+    for s in (1, 2):
+        np.testing.assert_allclose(mh_sr["losses"][s], ref_sr["losses"][s], rtol=1e-5)
+    for k in ref_sr["params"]:
+        np.testing.assert_allclose(mh_sr["params"][k], ref_sr["params"][k], rtol=1e-5, atol=1e-6, err_msg=k)
+    # warm-started: the low-res encoder's block started from the base's block 0 (a different path,
+    # hence a different random init) and moved only 2 steps (lr 0.01) away from it
+    k = "['decoder']['block_0']['mlp']['wi']['kernel']"
+    lowres = mh_sr["params"][k.replace("decoder", "lowres_encoder")]
+    assert np.abs(lowres - ref["params"][k]).max() < 0.05 < np.abs(ref["params"][k]).max()
 
 
 def test_resolve_sources():
