@@ -85,7 +85,7 @@ def _stage_lines(stages: dict | None) -> list[str]:
         first = next(iter(rows.values()))
         attrs = sorted(first["attributes"])
         lines += [
-            f"{first['num']} {kind} test captions:", "",
+            f"{first['num']} test captions of {kind}:", "",
             "| images | fully correct | " + " | ".join(attrs) + " |", "|---|---|" + "---|" * len(attrs),
             *[f"| {name} | {_pct(r['all'])} | " + " | ".join(_pct(r["attributes"][k]) for k in attrs) + " |"
               for name, r in rows.items()], "",

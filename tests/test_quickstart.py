@@ -48,7 +48,7 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     assert [r["steps"] for r in ev["sweeps"]["steps"]["results"]] == [1, 2]
     for kind in ("one object", "two objects"):
         assert ev["stages"][kind]["real images"]["all"] == 1.0 and ev["stages"][kind]["whole cascade"]["num"] == 3
-        assert f"3 {kind} test captions:" in text
+        assert f"3 test captions of {kind}:" in text
     assert "### Stage by stage" in text and text.count("| whole cascade |") == 2
     assert "relation" in ev["stages"]["two objects"]["real images"]["attributes"]
     assert (w / "eval" / "sweep_steps.png").is_file() and (w / "eval" / "sweep_guidance.json").is_file()

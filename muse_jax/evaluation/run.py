@@ -162,7 +162,7 @@ def run(workdir, out_dir, *, num_prompts: int = 200, seed: int = 0, steps: int |
     stages = {}
     if num_stage_images:
         for objects, name in ((1, "one object"), (2, "two objects")):
-            say(f"scoring each stage on {num_stage_images} {name} test captions ...")
+            say(f"scoring each stage on {num_stage_images} test captions of {name} ...")
             stages[name] = stage_breakdown(pipe, num_stage_images, seed, overrides, objects=objects)
             say("  " + ", ".join(f"{k} {v['all']:.0%}" for k, v in stages[name].items()))
 
