@@ -11,12 +11,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Reinstall whenever setup.py changes (the stamp is older than it).
-$(VENV)/.installed: setup.py | $(BIN)/python
+# Reinstall whenever setup.py or pyproject.toml changes (the stamp is older than them).
+$(VENV)/.installed: setup.py pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: setup.py | $(BIN)/python
+$(VENV)/.installed-test: setup.py pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# pytorch-fid (reference for the InceptionV3 parity test) without its dependencies: they
 	# would replace the pinned CPU torch with a CUDA build and add torchvision.
@@ -28,8 +28,11 @@ install: $(VENV)/.installed
 quickstart: $(VENV)/.installed
 	$(BIN)/muse-jax quickstart --workdir $(WORKDIR)
 
+# The linter first, then the tests: two workers (the machines have 2 cores), one test file per
+# worker at a time so module-scoped fixtures are built once.
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20 tests
 
 clean:
 	rm -rf $(VENV) workdir

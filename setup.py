@@ -44,6 +44,10 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "test": [
         "pytest==9.2.0",
+        # Runs independent test files in two worker processes (`make test`: the machines have 2 cores).
+        "pytest-xdist==3.8.0",
+        # The linter `make test` runs first (configured in pyproject.toml).
+        "ruff==0.17.5",
         # Parity tests against PyTorch reference implementations only. torch must be pinned:
         # 2.13.0 is the CPU build on this machine's disk; an unpinned torch pulls a
         # multi-GB CUDA build.
@@ -63,7 +67,7 @@ setup(
     version="0.1.0",
     description="Muse (masked generative transformers for text-to-image) in JAX/Flax",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["muse_jax", "muse_jax.*"]),
+    packages=find_packages(include=["muse_jax", "muse_jax.*"]),  # muse_jax.configs ships the named configs
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["muse-jax=muse_jax.cli:main"]},

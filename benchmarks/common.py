@@ -17,10 +17,11 @@ import math
 import statistics
 import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-# Presets. medium and small are the two configurations of every comparison (issue 9);
-# muse_632m is the paper-size base model (configs/muse_632m.py: 16 x 1536, MLP 6144, 24 heads,
+# Presets. medium and small are the two configurations of every comparison;
+# muse_632m is the paper-size base model (muse_jax/configs/paper.py: 16 x 1536, MLP 6144, 24 heads,
 # 8192 codes, 16x16 tokens, T5-XXL text of 4096 wide, 128 text tokens) for a GPU, in bf16.
 PRESETS: dict[str, dict[str, Any]] = {
     "medium": dict(tokens=256, codebook=1024, width=512, depth=8, heads=8, mlp_ratio=4, text_len=32,
@@ -32,7 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DTYPES = ("float32", "bfloat16")
 MATMULS = ("float32", "bfloat16")  # --matmul: what the multiplies of a float32 matmul are rounded to
-MIN_TIMED_STEPS = 20  # the issue's minimum for a reported median
+MIN_TIMED_STEPS = 20  # the fewest timed steps a reported median may come from
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,10 +47,9 @@ import types
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # MaskGit.generate's progress bar
 
+import common  # noqa: E402
 import torch  # noqa: E402  (after TQDM_DISABLE)
 import torch.nn.functional as F  # noqa: E402
-
-import common  # noqa: E402
 
 GUIDANCE = 3.0  # ours: (1 + g) cond - g uncond; theirs: uncond + s (cond - uncond) with s = 1 + g
 ADAMW = dict(lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045)

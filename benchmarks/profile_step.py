@@ -26,11 +26,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import jax
-
 import common
+import jax
 import sample as sample_bench
 import train_step as train_bench
+
 from muse_jax.training import partitioning
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\w+)\((.*)$", re.M)

@@ -8,7 +8,7 @@
     # smoke: --depth 1 --width 64 --heads 2 --tokens 16 --codebook 64 --text-len 4 --text-width 32 \\
     #        --batch 2 --steps 2 --warmup 1
 
-What is timed is the program `muse-jax sample` runs for a stage (`muse_jax.pipeline`'s
+What is timed is the program `muse-jax sample` runs for a stage (`muse_jax.cascade`'s
 stage program: `sampling.decode` over `sampling.guided_logits_fn`, guidance as one batched
 forward of 2B, all one XLA program) on `MuseBase` with random weights, from a fully masked
 start to tokens (no VQGAN decode). Text embeddings are random inputs (no T5 is timed); the
@@ -26,16 +26,16 @@ import argparse
 import sys
 import time
 
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from train_step import device_info, muse_config
 
-import common
-from muse_jax import pipeline, precision, sampling
+from muse_jax import cascade, precision, sampling
 from muse_jax.models import transformer
 from muse_jax.training import step as step_lib
-from train_step import device_info, muse_config
 
 
 def random_text_encoder(shape: common.ModelShape, seed: int):
@@ -55,10 +55,10 @@ def build_program(shape: common.ModelShape, args: argparse.Namespace):
     model = transformer.build(config.base)
     dummy = transformer.dummy_inputs(model, 1, shape.text_len)
     params = nn.unbox(jax.jit(lambda r: transformer.init_params(model, r, dummy))(jax.random.key(args.seed)))
-    stage = pipeline.Stage.from_model("base", model, params, None, text_encode=random_text_encoder(shape, args.seed))
+    stage = cascade.Stage.from_model("base", model, params, None, text_encode=random_text_encoder(shape, args.seed))
     guided = not args.no_guidance
     options = sampling.DecodeOptions(num_steps=args.decode_steps, mask_schedule="cosine", choice_temperature=4.5)
-    program = pipeline._stage_program(stage, options, guided, "constant",
+    program = cascade._stage_program(stage, options, guided, "constant",
                                       matmul_precision=config.train.matmul_precision)
     b = shape.batch
     put = lambda t: jax.tree_util.tree_map(jnp.asarray, t)  # noqa: E731

@@ -4,7 +4,7 @@
     python benchmarks/sample_decode.py --overhead 8,4096,8192,8   # the loop alone: B,N,K,steps
 
 Builds the base and super-res transformers of the config (with their joint T5) at random
-initialisation and runs the stage programs of `muse_jax.pipeline` (text encoding + the
+initialisation and runs the stage programs of `muse_jax.cascade` (text encoding + the
 fixed-step decode loop with guidance as one batched 2B forward). Prints one JSON line per
 stage: compile seconds (lower + XLA compile) and the median seconds per batch.
 """
@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from muse_jax import cascade
 from muse_jax import config as config_lib
-from muse_jax import pipeline
 from muse_jax.models import transformer
 
 
@@ -37,7 +37,7 @@ def random_stage(config, name, text_length):
             ids[i, : len(row)] = row
         return ids, ids > 0
 
-    return pipeline.Stage.from_model(name, model, params, text_tokenizer)
+    return cascade.Stage.from_model(name, model, params, text_tokenizer)
 
 
 def loop_overhead(batch, tokens, codebook, steps, repeats):
@@ -77,16 +77,16 @@ def main():
         loop_overhead(*map(int, args.overhead.split(",")), args.repeats)
         return
     config = config_lib.load_config(args.config, overrides)
-    opts = pipeline.SampleOptions.from_config(config.sample, batch_size=args.batch)
+    opts = cascade.SampleOptions.from_config(config.sample, batch_size=args.batch)
     text_length = int(config.text.max_length)
     b = args.batch
     guided = not args.no_guidance
     prompts = [f"a red circle number {i}" for i in range(b)]
     lowres = None
-    for name in pipeline.STAGES:
+    for name in config_lib.STAGES:
         stage = random_stage(config, name, text_length)
         dec = opts.decode_options(name)
-        program = pipeline._stage_program(stage, dec, guided, opts.guidance_schedule)
+        program = cascade._stage_program(stage, dec, guided, opts.guidance_schedule)
         put = lambda t: jax.tree_util.tree_map(jnp.asarray, t)  # noqa: E731
         call_args = (stage.params, jnp.full((b, stage.num_tokens), stage.mask_token_id, jnp.int32),
                      put(stage.prepare_text(prompts)), put(stage.prepare_text([""] * b)) if guided else None,

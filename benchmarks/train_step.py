@@ -1,6 +1,6 @@
 """Times muse_jax's jitted training step of the base transformer (random weights and inputs).
 
-    python benchmarks/train_step.py --config medium               # the issue's medium model, float32
+    python benchmarks/train_step.py --config medium               # the medium model, float32
     python benchmarks/train_step.py --config medium --dtype bfloat16
     python benchmarks/train_step.py --config small --json         # one JSON object
     python benchmarks/train_step.py --config muse_632m            # GPU: paper-size base model, bf16
@@ -28,16 +28,16 @@ import argparse
 import sys
 import time
 
+import common
 import jax
 import ml_collections
 import numpy as np
 from flax import linen as nn
 
-import common
 from muse_jax import config as config_lib
 from muse_jax import precision
 from muse_jax.models import transformer
-from muse_jax.training import partitioning
+from muse_jax.training import optimizer, partitioning
 from muse_jax.training import step as step_lib
 
 
@@ -106,7 +106,7 @@ def build_step(shape: common.ModelShape, seed: int = 0, remat: bool = False, mat
     model = transformer.build(config.base)
     mesh = partitioning.make_mesh(config.mesh)
     rules = partitioning.logical_rules(config)
-    tx = step_lib.make_optimizer(config.train)
+    tx = optimizer.make_optimizer(config.train)
     inputs = transformer.dummy_inputs(model, 1, shape.text_len)
 
     def create(rng):

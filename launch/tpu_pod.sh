@@ -3,7 +3,7 @@
 #
 #   launch/tpu_pod.sh TPU_NAME ZONE [--project P] [--setup] [--repo DIR] -- COMMAND...
 #   launch/tpu_pod.sh muse-v4-512 us-central2-b --setup -- \
-#       muse-jax train --config configs/muse_3b.py --workdir gs://my-bucket/muse_3b \
+#       muse-jax train --config muse_3b --workdir gs://my-bucket/muse_3b \
 #       --config.mesh.data=1 --config.mesh.fsdp=-1
 #
 # --setup copies this checkout to every worker (gcloud scp of a tarball) and pip-installs it with

@@ -60,14 +60,14 @@ def _train(args, overrides):
     from muse_jax import distributed
 
     distributed.initialize(cfg)  # multi-host: config.distributed / MUSE_* / SLURM / TPU pod (no-op alone)
-    stages = loop.STAGES if args.stage == "all" else (args.stage,)
+    stages = config_lib.STAGES if args.stage == "all" else (args.stage,)
     loop.train(cfg, args.workdir, stages)
 
 
 def _reconstruct(args, overrides):
-    from muse_jax.training import train_tokenizer
+    from muse_jax.evaluation import tokenizer as tokenizer_eval
 
-    psnrs = train_tokenizer.reconstruct_folder(args.workdir, getattr(args, "in"), args.out)
+    psnrs = tokenizer_eval.reconstruct_folder(args.workdir, getattr(args, "in"), args.out)
     for name, value in psnrs.items():
         print(f"{name}: psnr={value:.2f} dB")
     print(f"mean psnr over {len(psnrs)} images: {sum(psnrs.values()) / len(psnrs):.2f} dB -> {args.out}")
@@ -81,7 +81,7 @@ def _sampling_overrides(args) -> dict:
 
 
 def _sample(args, overrides):
-    from muse_jax import pipeline
+    from muse_jax import cascade
 
     if (args.prompt is None) == (args.prompts_file is None):
         raise ValueError("give exactly one of --prompt and --prompts-file")
@@ -89,25 +89,25 @@ def _sample(args, overrides):
         raise ValueError(f"--num must be positive, got {args.num}")
     if args.out is None and args.out_dir is None:
         raise ValueError("give --out (a grid PNG) or --out-dir (one PNG per sample)")
-    prompts = [args.prompt] if args.prompt is not None else pipeline.read_prompts_file(args.prompts_file)
-    pipe = pipeline.Pipeline.from_workdir(args.workdir)
-    written = pipeline.sample_to_files(pipe, prompts, num=args.num, seed=args.seed, out=args.out,
+    prompts = [args.prompt] if args.prompt is not None else cascade.read_prompts_file(args.prompts_file)
+    pipe = cascade.Pipeline.from_workdir(args.workdir)
+    written = cascade.sample_to_files(pipe, prompts, num=args.num, seed=args.seed, out=args.out,
                                        out_dir=args.out_dir, **_sampling_overrides(args))
     print(f"wrote {len(written)} file(s): {written[0]}{' ...' if len(written) > 1 else ''}")
 
 
 def _edit(args, overrides):
-    from muse_jax import pipeline
+    from muse_jax import cascade
 
-    pipe = pipeline.Pipeline.from_workdir(args.workdir)
-    image = pipeline.load_image(args.image, pipe.image_size)
+    pipe = cascade.Pipeline.from_workdir(args.workdir)
+    image = cascade.load_image(args.image, pipe.image_size)
     kw = dict(_sampling_overrides(args), edit_iterations=args.iterations, edit_fraction=args.fraction)
     if args.mask is not None:
-        mask = pipeline.load_mask(args.mask, args.image, pipe.image_size)
+        mask = cascade.load_mask(args.mask, args.image, pipe.image_size)
         out = pipe.inpaint(image, mask, [args.prompt], seed=args.seed, **kw)
     else:
         out = pipe.edit(image, [args.prompt], seed=args.seed, **kw)
-    print(f"wrote {pipeline.save_png(out[0], args.out)}")
+    print(f"wrote {cascade.save_png(out[0], args.out)}")
 
 
 def _add_sampling_args(p):
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_reconstruct)
 
     p = sub.add_parser("plan", help="memory/FLOPs/step-time plan of a training step on a virtual mesh")
-    p.add_argument("--config", required=True, help="config name or path, e.g. muse_3b")
+    p.add_argument("--config", required=True, help="config name or path, e.g. muse_3b or paper:muse_632m")
     p.add_argument("--mesh", required=True, help="axis sizes, e.g. data=1,fsdp=512,tensor=1")
     p.add_argument("--accelerator", default="tpu_v4",
                    help="comma-separated names from muse_jax.planning.ACCELERATORS (tpu_v4, tpu_v5e, tpu_v5p, h100)")

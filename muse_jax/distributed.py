@@ -30,7 +30,8 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ class Watchdog:
         sys.stdout.flush()
         os._exit(self.exit_code)
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self) -> Watchdog:
         if self.timeout_s > 0:
             self._last = time.monotonic()
             self._thread = threading.Thread(target=self._run, name="muse-jax-watchdog", daemon=True)

@@ -1,7 +1,7 @@
 """Image editing with the decode loop (Muse 3.3): inpainting, outpainting, mask-free editing.
 
 Mask-based editing is generation with some tokens given: a pixel mask (True = regenerate)
-becomes a token mask (a token is masked if any of its pixels is), the known tokens stay
+becomes a token mask (`image_ops.token_mask_from_pixels`), the known tokens stay
 fixed and the masked ones are decoded with the new prompt; the result is composited so
 that pixels outside the mask are exactly the input's.
 
@@ -18,48 +18,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from muse_jax import sampling
-
-
-def token_mask_from_pixels(pixel_mask, factor: int) -> np.ndarray:
-    """[B, H, W] (nonzero = edit) -> bool [B, H/f, W/f]: a token is masked if any pixel is."""
-    m = np.asarray(pixel_mask) != 0
-    if m.ndim != 3:
-        raise ValueError(f"pixel mask must be [batch, height, width], got shape {m.shape}")
-    b, h, w = m.shape
-    if h % factor or w % factor:
-        raise ValueError(f"mask size {h}x{w} is not divisible by the token factor {factor}")
-    return m.reshape(b, h // factor, factor, w // factor, factor).any(axis=(2, 4))
-
-
-def downsample_area(images, factor: int) -> np.ndarray:
-    """uint8 [B, H, W, C] -> uint8 [B, H/f, W/f, C], the mean of each f x f block, rounded."""
-    x = np.asarray(images)
-    if x.ndim != 4:
-        raise ValueError(f"images must be [batch, height, width, channels], got shape {x.shape}")
-    b, h, w, c = x.shape
-    if h % factor or w % factor:
-        raise ValueError(f"image size {h}x{w} is not divisible by {factor}")
-    mean = x.reshape(b, h // factor, factor, w // factor, factor, c).astype(np.float32).mean(axis=(2, 4))
-    return np.clip(np.round(mean), 0, 255).astype(np.uint8)
-
-
-def upsample_mask(mask, factor: int) -> np.ndarray:
-    """bool [B, h, w] -> bool [B, h*f, w*f] (nearest)."""
-    return np.repeat(np.repeat(np.asarray(mask, bool), factor, axis=1), factor, axis=2)
-
-
-def composite(original, generated, pixel_mask) -> np.ndarray:
-    """Pixels inside the mask from `generated`, outside it exactly `original`: uint8 [B, H, W, C]."""
-    original, generated = np.asarray(original), np.asarray(generated)
-    m = np.asarray(pixel_mask) != 0
-    if original.shape != generated.shape or m.shape != original.shape[:3]:
-        raise ValueError(
-            f"composite: original {original.shape}, generated {generated.shape} and mask {m.shape} disagree"
-        )
-    return np.where(m[..., None], generated, original)
 
 
 def inpaint_tokens(

@@ -39,7 +39,8 @@ import math
 import os
 import re
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 GiB = 1024**3
 
@@ -401,9 +402,12 @@ def plan(
     import jax
     import jax.numpy as jnp
 
+    from muse_jax import workdir as workdir_lib
     from muse_jax.models import transformer as transformer_lib
     from muse_jax.training import checkpoint as ckpt_lib
-    from muse_jax.training import loop, partitioning, step as step_lib
+    from muse_jax.training import partitioning
+    from muse_jax.training import state as state_lib
+    from muse_jax.training import step as step_lib
 
     config = config.copy_and_resolve_references()
     with config.unlocked():
@@ -423,8 +427,8 @@ def plan(
     partitioning.check_batch_divides(B, jmesh, rules)
 
     t0 = time.perf_counter()
-    model = loop.build_model(config, stage)
-    _, abstract, shardings = loop.state_setup(config, model, jmesh, rules)
+    model = workdir_lib.build_stage_model(config, stage)
+    _, abstract, shardings = state_lib.state_setup(config, model, jmesh, rules)
     state = ckpt_lib.abstract_with_shardings(nn.unbox(abstract), shardings)
 
     inputs = transformer_lib.dummy_inputs(model, B, L)

@@ -28,7 +28,8 @@ import functools
 import os
 import platform
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

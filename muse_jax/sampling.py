@@ -15,7 +15,8 @@ Guidance, super-resolution and editing are built around the loop by wrapping
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

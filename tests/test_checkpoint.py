@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _multidevice import run_with_devices
-from muse_jax.data import pipeline, shapes
+
+from muse_jax.data import loader, shapes
 from muse_jax.training import checkpoint as ckpt_lib
 
 
@@ -25,7 +25,7 @@ def _state(seed):
 
 
 def _loader():
-    return iter(pipeline.make_loader(shapes.ShapesSource("train", 64, 0), batch_size=4, seed=3))
+    return iter(loader.make_loader(shapes.ShapesSource("train", 64, 0), batch_size=4, seed=3))
 
 
 def _equal(a, b):

@@ -1,4 +1,6 @@
 """Configs load by name or path, accept typed overrides, and refuse bad ones clearly."""
+import pathlib
+
 import pytest
 
 from muse_jax import config as config_lib
@@ -8,7 +10,43 @@ from muse_jax.training import loop
 def test_named_config_and_overrides():
     cfg = config_lib.load_config("shapes", ["--config.data.batch_size=64", "--config.data.source=procedural"])
     assert cfg.data.batch_size == 64 and cfg.data.source == "procedural"
-    assert config_lib.load_config("configs/shapes.py").data.batch_size == 32
+    assert config_lib.load_config("paper:muse_3b").base.num_layers == 48
+    assert config_lib.load_config("vqgan:f8").train_tokenizer.image_size == 512
+    assert config_lib.load_config("vqgan_f16_8192").train_tokenizer.image_size == 256
+
+
+def test_config_files_load_by_path_and_import_the_named_ones(tmp_path):
+    own = tmp_path / "mine.py"
+    own.write_text("from muse_jax.configs import shapes\n\n\ndef get_config(arg=None):\n"
+                   "    c = shapes.get_config()\n    c.data.batch_size = int(arg or 7)\n    return c\n")
+    assert config_lib.load_config(str(own)).data.batch_size == 7
+    assert config_lib.load_config(f"{own}:9", ["--config.seed=3"]).data.batch_size == 9
+    with pytest.raises(FileNotFoundError, match="no file"):
+        config_lib.load_config(str(tmp_path / "missing.py"))
+
+
+def test_named_configs_load_after_a_plain_install_from_any_directory(tmp_path):
+    """`pip install .` (not editable) into a fresh target: the configs ship inside the package."""
+    import os
+    import subprocess
+    import sys
+
+    import shutil
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    src, target = tmp_path / "src", tmp_path / "site"  # a copy: the build writes build/ beside setup.py
+    shutil.copytree(repo / "muse_jax", src / "muse_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy(repo / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(src)], check=True, cwd=tmp_path, capture_output=True)
+    code = ("import muse_jax, muse_jax.config as c; assert 'site' in muse_jax.__file__, muse_jax.__file__; "
+            "print(c.load_config('muse_3b').base.width, c.load_config('shapes').name, "
+            "c.load_config('paper:superres_268m').superres.grid_size)")
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, capture_output=True,
+                         text=True).stdout.split()
+    assert out == ["2048", "shapes", "64"]
 
 
 def test_unknown_field_is_refused():
@@ -34,7 +72,7 @@ def test_config_is_locked():
         cfg.data.batchsize = 3
 
 
-def test_paper_configs_share_one_helper_which_is_not_a_config():
+def test_paper_configs_are_variants_of_one_file():
     base, big, sr = (config_lib.load_config(n) for n in ("muse_632m", "muse_3b", "superres_268m"))
     assert (base.base.num_layers, base.base.width, big.base.num_layers, big.base.width) == (16, 1536, 48, 2048)
     assert (sr.superres.num_layers, sr.superres.num_lowres_layers, sr.superres.grid_size) == (32, 16, 64)
@@ -44,5 +82,5 @@ def test_paper_configs_share_one_helper_which_is_not_a_config():
         # The shapes default's per-stage overrides (super-res batch 8, warm start from the base) are gone.
         t = loop.stage_config(c, stage).train
         assert (t.batch_size, t.num_steps, t.init_from) == (512, 1_000_000, "")
-    with pytest.raises(ValueError, match="shared helpers, not a config"):
-        config_lib.load_config("_paper")
+    with pytest.raises(ValueError, match="variant"):
+        config_lib.load_config("paper:muse_9b")

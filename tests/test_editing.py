@@ -3,15 +3,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_sampling import MASK, K, N, fake_model, texts
 
-from muse_jax import editing, sampling
-from test_sampling import MASK, N, K, fake_model, texts
+from muse_jax import editing, image_ops, sampling
 
 
 def test_token_mask_from_pixels_is_any_pooling():
     rng = np.random.default_rng(0)
     pix = rng.random((2, 16, 24)) < 0.02
-    tok = editing.token_mask_from_pixels(pix, 4)
+    tok = image_ops.token_mask_from_pixels(pix, 4)
     assert tok.shape == (2, 4, 6)
     for b in range(2):
         for i in range(4):
@@ -19,24 +19,24 @@ def test_token_mask_from_pixels_is_any_pooling():
                 assert tok[b, i, j] == pix[b, 4 * i:4 * i + 4, 4 * j:4 * j + 4].any()
     one = np.zeros((1, 16, 16), bool)
     one[0, 7, 8] = True  # a single pixel masks exactly the token that holds it
-    assert editing.token_mask_from_pixels(one, 4).sum() == 1 and editing.token_mask_from_pixels(one, 4)[0, 1, 2]
+    assert image_ops.token_mask_from_pixels(one, 4).sum() == 1 and image_ops.token_mask_from_pixels(one, 4)[0, 1, 2]
     with pytest.raises(ValueError, match="not divisible"):
-        editing.token_mask_from_pixels(np.zeros((1, 10, 16)), 4)
+        image_ops.token_mask_from_pixels(np.zeros((1, 10, 16)), 4)
 
 
 def test_downsample_area_and_composite():
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    small = editing.downsample_area(img, 2)
+    small = image_ops.downsample_area(img, 2)
     assert small.shape == (2, 4, 4, 3) and small.dtype == np.uint8
     assert small[1, 2, 3, 0] == np.round(img[1, 4:6, 6:8, 0].astype(float).mean())
     other = rng.integers(0, 256, img.shape, dtype=np.uint8)
     mask = rng.random((2, 8, 8)) < 0.5
-    out = editing.composite(img, other, mask)
+    out = image_ops.composite(img, other, mask)
     np.testing.assert_array_equal(out[~mask], img[~mask])
     np.testing.assert_array_equal(out[mask], other[mask])
     with pytest.raises(ValueError, match="disagree"):
-        editing.composite(img, other, mask[:, :4])
+        image_ops.composite(img, other, mask[:, :4])
 
 
 def test_inpaint_tokens_keeps_known_tokens():

@@ -2,8 +2,10 @@
 import numpy as np
 import pytest
 
+from muse_jax import image_ops
 from muse_jax.data import shapes
-from muse_jax.evaluation import alignment, features, report
+from muse_jax.evaluation import alignment, features, scores
+from muse_jax.evaluation import tokenizer as tokenizer_eval
 
 
 def _render_prompts(prompts, seed=0):
@@ -20,36 +22,36 @@ def test_evaluate_images_perfect_and_wrong_generators(tmp_path):
         calls.append(len(batch))
         return _render_prompts(batch)
 
-    images, sec_per_image = report.timed_generation(generate, prompts, batch_size=8)
+    images, sec_per_image = scores.timed_generation(generate, prompts, batch_size=8)
     assert calls == [8, 8, 8] and images.shape == (24, 64, 64, 3) and sec_per_image > 0
-    good = report.evaluate_images(images, prompts, cache_dir=str(tmp_path), num_reference=48)
+    good = scores.evaluate_images(images, prompts, cache_dir=str(tmp_path), num_reference=48)
     assert good["alignment"]["all"] == 1.0
     assert set(good["alignment"]["groups"]) == set(alignment.GROUPS)
-    wrong = report.evaluate_images(images[::-1], prompts, cache_dir=str(tmp_path), num_reference=48)
+    wrong = scores.evaluate_images(images[::-1], prompts, cache_dir=str(tmp_path), num_reference=48)
     assert wrong["alignment"]["all"] < 0.2
     noisy = np.clip(images + np.random.default_rng(0).normal(0, 25, images.shape), 0, 255).astype(np.uint8)
-    bad = report.evaluate_images(noisy, prompts, cache_dir=str(tmp_path), num_reference=48)
+    bad = scores.evaluate_images(noisy, prompts, cache_dir=str(tmp_path), num_reference=48)
     assert bad["fid_shapes"] > good["fid_shapes"]
-    path = report.write_json(bad, str(tmp_path / "out" / "eval.json"))
+    path = scores.write_json(bad, str(tmp_path / "out" / "eval.json"))
     assert path.endswith("eval.json")
 
 
 def test_evaluate_tokenizer_on_perfect_and_noisy_reconstructions():
     originals = features.shapes_images(0, "test", 24)
     tokens = np.arange(24 * 16) % 32
-    perfect = report.evaluate_tokenizer(originals, originals, tokens, 64)
+    perfect = tokenizer_eval.scores(originals, originals, tokens, 64)
     assert perfect["psnr"] == 100.0 and perfect["ssim"] == pytest.approx(1.0)
     assert perfect["rfid_shapes"] == pytest.approx(0.0, abs=1e-6)
     assert perfect["codebook"]["num_used"] == 32 and perfect["codebook"]["fraction_used"] == 0.5
     noisy = np.clip(originals + np.random.default_rng(0).normal(0, 10, originals.shape), 0, 255).astype(np.uint8)
-    worse = report.evaluate_tokenizer(originals, noisy, tokens, 64)
+    worse = tokenizer_eval.scores(originals, noisy, tokens, 64)
     assert 20 < worse["psnr"] < 40 and worse["ssim"] < 0.9 and worse["rfid_shapes"] > 1.0
 
 
 def test_validate_detector_passes_on_real_images_and_fails_loudly():
-    assert report.validate_detector(num=40)["all"] >= 0.99
+    assert scores.validate_detector(num=40)["all"] >= 0.99
     with pytest.raises(RuntimeError, match="below"):
-        report.validate_detector(num=5, min_accuracy=1.01)
+        scores.validate_detector(num=5, min_accuracy=1.01)
 
 
 class _ImagePipeline:
@@ -64,9 +66,7 @@ class _ImagePipeline:
         self.broken = broken_superres
 
     def encode_images(self, images, size=None):
-        from muse_jax import editing
-
-        return editing.downsample_area(images, 64 // (size or 64))
+        return image_ops.downsample_area(images, 64 // (size or 64))
 
     def decode_tokens(self, tokens):
         return tokens

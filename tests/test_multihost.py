@@ -39,8 +39,9 @@ OVERRIDES = [
     "--config.superres.num_lowres_layers=1", "--config.train_superres.num_steps=2",
     # float32 matmuls: the runs are compared to 1e-5 (bfloat16 multiplies round per shard shape)
     "--config.train.matmul_precision=highest",
-    # a dead peer is declared after 5 s (default 100 s); then JAX aborts the others
-    "--config.distributed.heartbeat_timeout_s=5", "--config.distributed.initialization_timeout_s=60",
+    # a dead peer is declared after 20 s (default 100 s); then JAX aborts the others. Shorter
+    # timeouts declare live peers dead when the test runs beside others on a loaded 2-core machine.
+    "--config.distributed.heartbeat_timeout_s=20", "--config.distributed.initialization_timeout_s=60",
 ]
 
 WORKER = r'''
@@ -50,17 +51,17 @@ config = config_lib.load_config("shapes", json.loads(os.environ["OVERRIDES"]))
 info = distributed.initialize(config)    # MUSE_* variables from launch/local.sh (none: 1 process)
 import jax, numpy as np
 from jax.experimental import multihost_utils
-from muse_jax.data import pipeline
+from muse_jax.data import loader, sources, stage_data
 from muse_jax.training import loop
 
 mode, workdir, out = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
 crash_step = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 stage = os.environ["STAGE"]
-data = loop.synthetic_stage_data(config, stage, num=64)
+data = stage_data.synthetic(config, stage, num=64)
 seed = int(config.data.shuffle_seed)
 
 # each process reads only its own shard of the records
-shard = pipeline.process_shard()
+shard = loader.process_shard()
 assert (shard.shard_index, shard.shard_count) == (info.process_index, info.process_count), shard
 
 if mode == "reference":
@@ -68,21 +69,21 @@ if mode == "reference":
     # order of each process's shard and of the 1-process loader, and permute the source so the
     # 1-process loader yields shard0-batch + shard1-batch at every step.
     import grain.python as grain
-    ident = loop.ArraySource({"rec": np.arange(64)})
+    ident = sources.ArraySource({"rec": np.arange(64)})
     def order(index, count, local):
-        saved = pipeline.process_shard
-        pipeline.process_shard = lambda: grain.ShardOptions(index, count, drop_remainder=True)
+        saved = loader.process_shard
+        loader.process_shard = lambda: grain.ShardOptions(index, count, drop_remainder=True)
         try:
-            it = iter(loop.make_loader(ident, local, seed))
+            it = iter(loader.make_loader(ident, batch_size=local, seed=seed))
             return [next(it)["rec"] for _ in range(64 // (local * count))]
         finally:
-            pipeline.process_shard = saved
+            loader.process_shard = saved
     two = [order(i, 2, 4) for i in range(2)]
     global_seq = np.concatenate([np.concatenate([two[0][k], two[1][k]]) for k in range(len(two[0]))])
     one = np.concatenate(order(0, 1, 8))
     assert sorted(global_seq) == sorted(one) == list(range(64))
     perm = np.empty(64, int); perm[one] = global_seq
-    data.source = loop.ArraySource({k: v[perm] for k, v in data.source.arrays.items()})
+    data.source = sources.ArraySource({k: v[perm] for k, v in data.source.arrays.items()})
 
 losses = {}
 real_make = loop.step_lib.make_train_step
@@ -158,6 +159,22 @@ def _result(out):
     return r
 
 
+def _assert_params_match(got, want):
+    """Per leaf, max |difference| <= 1e-4 * max |value|.
+
+    The 2-process job sums gradients across processes (gloo) in another order than 4 devices of
+    one process do, so float32 sums differ by rounding (~1e-7 relative). Adam divides by the
+    gradients' root mean square: for a near-zero gradient element (a rarely used embedding row)
+    that rounding moves the update by up to a fraction of lr, so after a few steps single elements
+    differ by ~1e-6 (seen: 1.7e-6 on an AMD EPYC with AVX2 kernels, 1.7e-4 of that element) while
+    each leaf's scale is ~1e-2 or more. A sharding or resume bug moves whole updates (~lr = 1e-2).
+    """
+    assert got.keys() == want.keys()
+    for k in want:
+        diff = float(np.abs(got[k] - want[k]).max())
+        assert diff <= 1e-4 * float(np.abs(want[k]).max()) + 1e-9, (k, diff, float(np.abs(want[k]).max()))
+
+
 def test_two_processes_crash_resume_match_single_process(tmp_path):
     ref_out, mh_out = tmp_path / "ref_out", tmp_path / "mh_out"
     ref_out.mkdir(), mh_out.mkdir()
@@ -172,7 +189,7 @@ def test_two_processes_crash_resume_match_single_process(tmp_path):
         #    by itself (launch with -w: local.sh does not stop it) with a clear message, not hang.
         wd = tmp_path / "mh_wd"
         rc, output, logs, seconds = _launch(["multihost", str(wd), str(mh_out), "3"], tmp_path, "crash",
-                                            wait_all=True)
+                                            wait_all=True, timeout=300)
         ref_rc, ref_output, _, _ = reference.result()
     assert ref_rc == 0, ref_output[-4000:]
     ref = _result(ref_out)
@@ -182,7 +199,7 @@ def test_two_processes_crash_resume_match_single_process(tmp_path):
     assert "injected failure of process 1 at step 3" in logs["process_1.log"]
     p0 = logs["process_0.log"]
     assert any(msg in p0 for msg in ("another task died", "other processes stop too", "watchdog")), p0[-3000:]
-    assert seconds < 120
+    assert seconds < 290 - 5  # it exited by itself, not at local.sh's timeout (-t 290)
     first = {int(s): float(v) for s, v in (line.split()[1:] for line in p0.splitlines() if line.startswith("LOSS "))}
     assert sorted(first)[:2] == [1, 2]
     for s in (1, 2):  # the same global batches and SPMD program as the reference
@@ -197,9 +214,7 @@ def test_two_processes_crash_resume_match_single_process(tmp_path):
     assert sorted(mh["losses"]) == [3, 4], "did not resume from the step-2 checkpoint"
     for s in (3, 4):
         np.testing.assert_allclose(mh["losses"][s], ref["losses"][s], rtol=1e-5)
-    assert mh["params"].keys() == ref["params"].keys()
-    for k in ref["params"]:
-        np.testing.assert_allclose(mh["params"][k], ref["params"][k], rtol=1e-5, atol=1e-6, err_msg=k)
+    _assert_params_match(mh["params"], ref["params"])
     assert not any(np.array_equal(ref["params"][k], np.zeros_like(ref["params"][k])) for k in ref["params"]
                    if "kernel" in k)
 
@@ -216,8 +231,7 @@ def test_two_processes_crash_resume_match_single_process(tmp_path):
     assert sorted(mh_sr["losses"]) == sorted(ref_sr["losses"]) == [1, 2]
     for s in (1, 2):
         np.testing.assert_allclose(mh_sr["losses"][s], ref_sr["losses"][s], rtol=1e-5)
-    for k in ref_sr["params"]:
-        np.testing.assert_allclose(mh_sr["params"][k], ref_sr["params"][k], rtol=1e-5, atol=1e-6, err_msg=k)
+    _assert_params_match(mh_sr["params"], ref_sr["params"])
     # warm-started: the low-res encoder's block started from the base's block 0 (a different path,
     # hence a different random init) and moved only 2 steps (lr 0.01) away from it
     k = "['decoder']['block_0']['mlp']['wi']['kernel']"

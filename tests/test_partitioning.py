@@ -3,8 +3,8 @@ import json
 
 import ml_collections
 import pytest
-
 from _multidevice import run_with_devices
+
 from muse_jax.training import partitioning
 
 

@@ -5,11 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from muse_jax import pipeline, precision
-from muse_jax.training import loop
-
 from test_train import _data, tiny_config
+
+from muse_jax import cascade, precision
+from muse_jax.training import loop
 
 BF16_CPU = jax.default_backend() == "cpu" and precision.cpu_has_bf16_matmul()
 
@@ -46,7 +45,7 @@ def test_bad_precision_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="matmul_precision must be one of"):
         precision.check("fast")
     with pytest.raises(ValueError, match="matmul_precision"):
-        pipeline.SampleOptions(matmul_precision="bf16")
+        cascade.SampleOptions(matmul_precision="bf16")
     cfg = tiny_config("--config.train.matmul_precision=fast")
     with pytest.raises(ValueError, match="matmul_precision must be one of"):
         loop.train_stage(cfg, tmp_path / "w", "base", data=_data(cfg), quiet=True)

@@ -19,6 +19,14 @@ TINY = [
     "--config.quickstart.sweep_guidance=(0.0,)", "--config.quickstart.sweep_prompts=4",
     "--config.quickstart.tokenizer_images=32", "--config.quickstart.detector_images=50",
     "--config.quickstart.stage_images=3",
+    # Small models: the test is about the stages and the resume, not quality (compiles dominate).
+    "--config.vqgan.channels=(8,8,8)", "--config.vqgan.latent_channels=8", "--config.vqgan.code_dim=8",
+    "--config.vqgan.codebook_size=64", "--config.vqgan.norm_groups=4",
+    "--config.text.vocab_size=64", "--config.text.encoder.vocab_size=64", "--config.text.encoder.d_model=32",
+    "--config.text.encoder.d_kv=8", "--config.text.encoder.d_ff=32", "--config.text.encoder.num_layers=1",
+    *[f"--config.{s}.{k}={v}" for s in ("base", "superres") for k, v in (
+        ("codebook_size", 64), ("num_layers", 1), ("width", 32), ("mlp_dim", 64), ("text_dim", 32))],
+    "--config.superres.num_lowres_layers=1",
 ]
 
 

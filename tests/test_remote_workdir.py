@@ -26,7 +26,8 @@ from tensorboardX import record_writer
 
 from muse_jax import config as config_lib
 from muse_jax import paths
-from muse_jax.pipeline import Pipeline
+from muse_jax import workdir as workdir_lib
+from muse_jax.cascade import Pipeline
 from muse_jax.training import checkpoint as ckpt_lib
 from muse_jax.training import loop, train_tokenizer
 
@@ -190,7 +191,7 @@ def test_tokenizer_then_base_stage_train_and_resume_in_a_bucket(bucket):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     # Loading the trained stage back from the bucket (what samplers do).
-    model, params, config = loop.load_stage(WORKDIR, "base")
+    model, params, config = workdir_lib.load_stage_params(WORKDIR, "base")
     assert config.base.grid_size == 8 and model.mask_token_id == 64
     with pytest.warns(UserWarning, match="no trained superres stage"):
         pipe = Pipeline.from_workdir(WORKDIR)

@@ -1,15 +1,14 @@
 """The cascade (Pipeline) and `muse-jax sample|edit`, with a toy tokenizer and stages (no training)."""
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
-
-import jax
-import jax.numpy as jnp
-
 from _multidevice import run_with_devices
-from muse_jax import cli, pipeline
+
+from muse_jax import cascade, cli
 
 K = 16  # toy codebook: gray levels
 
@@ -59,13 +58,13 @@ def toy_stage(name, grid, lowres_grid=0, seed=0):
             logits = logits + params["low"][lowres].mean(1, keepdims=True)
         return logits
 
-    return pipeline.Stage(name, params, grid, K, prepare_text, embed, apply, lowres_grid)
+    return cascade.Stage(name, params, grid, K, prepare_text, embed, apply, lowres_grid)
 
 
 def toy_pipeline(batch_size=4, superres=True, **opts):
-    options = pipeline.SampleOptions(steps=4, sr_steps=3, batch_size=batch_size, edit_iterations=3, **opts)
+    options = cascade.SampleOptions(steps=4, sr_steps=3, batch_size=batch_size, edit_iterations=3, **opts)
     sr = toy_stage("superres", 4, lowres_grid=2, seed=1) if superres else None
-    return pipeline.Pipeline(ToyTokenizer(), toy_stage("base", 2), sr, options)
+    return cascade.Pipeline(ToyTokenizer(), toy_stage("base", 2), sr, options)
 
 
 def test_generate_cascade_deterministic_and_batched():
@@ -172,7 +171,7 @@ def test_transformer_stage_integration():
                                        num_lowres_layers=1 if low else 0), t5)
         dummy = transformer.dummy_inputs(model, 1, 12)
         params = nn.unbox(jax.jit(lambda r: transformer.init_params(model, r, dummy))(jax.random.key(0)))
-        stages[name] = stage = pipeline.Stage.from_model(name, model, params, text_tokenizer)
+        stages[name] = stage = cascade.Stage.from_model(name, model, params, text_tokenizer)
         # the stage's embed + apply are the model's forward with its joint text encoder
         text = tok(["a red circle", "b"])
         inputs = {"tokens": jnp.full((2, grid * grid), K, jnp.int32).at[:, 0].set(3), "text_ids": text["ids"],
@@ -182,11 +181,11 @@ def test_transformer_stage_integration():
         want = jax.jit(lambda p, x: transformer.apply(model, p, x))(params, inputs)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         assert stage.mask_token_id == K and stage.lowres_grid_size == low
-    pipe = pipeline.Pipeline(ToyTokenizer(), stages["base"], None, pipeline.SampleOptions(steps=3, batch_size=2))
+    pipe = cascade.Pipeline(ToyTokenizer(), stages["base"], None, cascade.SampleOptions(steps=3, batch_size=2))
     assert pipe.generate(["a red circle"], num_per_prompt=2, seed=0).shape == (2, 8, 8, 3)
-    pipeline.Pipeline(ToyTokenizer(), stages["base"], stages["superres"])  # grids fit
+    cascade.Pipeline(ToyTokenizer(), stages["base"], stages["superres"])  # grids fit
     with pytest.raises(ValueError, match="low-res tokens"):
-        pipeline.Pipeline(ToyTokenizer(), stages["superres"], stages["superres"])
+        cascade.Pipeline(ToyTokenizer(), stages["superres"], stages["superres"])
 
 
 _SHARED = {}
@@ -196,7 +195,7 @@ _SHARED = {}
 def toy_workdir(monkeypatch, tmp_path):
     if "pipe" not in _SHARED:  # one pipeline (and its compiled programs) for the CLI tests
         _SHARED["pipe"] = toy_pipeline()
-    monkeypatch.setattr(pipeline.Pipeline, "from_workdir", classmethod(lambda cls, w, **kw: _SHARED["pipe"]))
+    monkeypatch.setattr(cascade.Pipeline, "from_workdir", classmethod(lambda cls, w, **kw: _SHARED["pipe"]))
     return tmp_path
 
 
@@ -265,8 +264,8 @@ def test_config_sample_section_matches_options():
     from muse_jax import config as config_lib
 
     cfg = config_lib.load_config("shapes", ["--config.sample.steps=5", "--config.sample.guidance_schedule=linear"])
-    assert set(cfg.sample.keys()) == {f.name for f in dataclasses.fields(pipeline.SampleOptions)}
-    opts = pipeline.SampleOptions.from_config(cfg.sample, guidance=1.5, sr_steps=None)
+    assert set(cfg.sample.keys()) == {f.name for f in dataclasses.fields(cascade.SampleOptions)}
+    opts = cascade.SampleOptions.from_config(cfg.sample, guidance=1.5, sr_steps=None)
     assert (opts.steps, opts.guidance_schedule, opts.guidance, opts.sr_steps) == (5, "linear", 1.5, cfg.sample.sr_steps)
     with pytest.raises(ValueError, match="guidance schedule"):
-        pipeline.SampleOptions(guidance_schedule="cosine")
+        cascade.SampleOptions(guidance_schedule="cosine")

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _multidevice import run_with_devices
+
 from muse_jax import sampling
 
 K, N, D = 16, 64, 8  # codebook size (mask id = K), tokens, text width

@@ -157,7 +157,7 @@ def test_presets():
     shapes = jax.eval_shape(lambda: t5.T5Encoder(xxl).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
     n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(nn.unbox(shapes)))
     assert 4.6e9 < n < 4.9e9
-    # ConfigDict round trip, configs/t5.py and the shapes section.
+    # ConfigDict round trip, muse_jax/configs/t5.py and the shapes section.
     model, params = t5.from_text_config(load_config("shapes").text)
     assert params is None and model.config.d_model == 128 and model.config.feed_forward_proj == "gated-gelu"
     c = load_config("t5:flan-t5-small")

@@ -4,8 +4,9 @@ import pickle
 import numpy as np
 import pytest
 
-from muse_jax import text
+from muse_jax import workdir
 from muse_jax.config import load_config
+from muse_jax.data import text
 from muse_jax.data.shapes import make_example
 
 
@@ -17,7 +18,7 @@ def captions():
 @pytest.fixture(scope="module")
 def spm_path(tmp_path_factory, captions):
     cfg = load_config("shapes").text
-    path = tmp_path_factory.mktemp("w") / text.SPM_RELATIVE_PATH
+    path = tmp_path_factory.mktemp("w") / workdir.SPM_MODEL
     return text.train_sentencepiece(captions, path, cfg.vocab_size, cfg.spm_model_type)
 
 
@@ -93,7 +94,7 @@ def test_workdir_tokenizer_trains_once(tmp_path, captions):
         calls.append(1)
         return captions
 
-    tok = text.workdir_tokenizer(tmp_path, cfg, caps)
+    tok = workdir.text_tokenizer(tmp_path, cfg, caps)
     assert (tmp_path / "text" / "spm.model").is_file() and tok.max_length == cfg.max_length
-    again = text.workdir_tokenizer(tmp_path, cfg, caps)
+    again = workdir.text_tokenizer(tmp_path, cfg, caps)
     assert len(calls) == 1 and again.model_proto == tok.model_proto

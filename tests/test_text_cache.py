@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from muse_jax import text
-from muse_jax.data import text_cache
+from muse_jax.data import text, text_cache
 from muse_jax.data.shapes import ShapesSource, make_example
 from muse_jax.models import t5
 

@@ -2,7 +2,6 @@
 import json
 import os
 import pathlib
-import re
 import shutil
 import signal
 import tempfile
@@ -10,9 +9,11 @@ import tempfile
 import jax
 import numpy as np
 import pytest
-
 from _multidevice import run_with_devices
+
+from muse_jax import workdir
 from muse_jax.config import load_config
+from muse_jax.data import stage_data
 from muse_jax.training import checkpoint as ckpt_lib
 from muse_jax.training import loop
 
@@ -47,7 +48,7 @@ def _restore_jax_cache_config():
 
 
 def _data(config, stage="base"):
-    return loop.synthetic_stage_data(config, stage, num=64, text_length=8)
+    return stage_data.synthetic(config, stage, num=64, text_length=8)
 
 
 def _params(result):
@@ -69,7 +70,7 @@ def test_superres_warm_starts_from_the_trained_base(tmp_path):
     grids = ("--config.base.grid_size=2",)  # the base makes the super-res stage's 2x2 low-res grid
     cfg = tiny_config("--config.train.num_steps=3", "--config.train_superres.num_steps=3", *grids)
     loop.train_stage(cfg, tmp_path, "base", data=_data(cfg), quiet=True)
-    _, base, _ = loop.load_stage(tmp_path, "base")
+    _, base, _ = workdir.load_stage_params(tmp_path, "base")
     cold = loop.train_stage(cfg, tmp_path / "cold", "superres", data=_data(cfg, "superres"), stop_at=0, quiet=True)
     warm_cfg = tiny_config("--config.train.num_steps=3", "--config.train_superres.num_steps=3",
                            "--config.train_superres.init_from=base", *grids)
@@ -136,11 +137,13 @@ def test_resume_equals_uninterrupted_and_corrupt_newest_falls_back(tmp_path):
     for a, b in zip(_params(full), _params(again)):
         np.testing.assert_array_equal(a, b)
 
-    # load_stage reads the trained stage; a workdir without it is a clear error.
-    model, params, config = loop.load_stage(tmp_path / "full", "base")
+    # The workdir loader reads the trained parameters (nothing else); a workdir without them is a clear error.
+    model, params, config = workdir.load_stage_params(tmp_path / "full", "base")
     assert model.mask_token_id == 64 and config.base.width == 32
+    for a, b in zip(jax.tree.leaves(params), _params(full)):
+        np.testing.assert_array_equal(a, b)
     with pytest.raises(FileNotFoundError, match="no trained superres stage"):
-        loop.load_stage(tmp_path / "full", "superres")
+        workdir.load_stage_params(tmp_path / "full", "superres")
 
 
 def _trigger(monkeypatch, at_step, action):

@@ -7,12 +7,13 @@ import jax
 import numpy as np
 import PIL.Image
 import pytest
-
 from _multidevice import run_with_devices
-from muse_jax import cli
+
+from muse_jax import cli, workdir
 from muse_jax import config as config_lib
 from muse_jax.data import shapes
 from muse_jax.models import vqgan
+from muse_jax.training import tokenizer_step as tokenizer_lib
 from muse_jax.training import train_tokenizer
 
 TINY = [
@@ -52,9 +53,9 @@ def test_adversarial_step_runs_and_updates_the_discriminator():
     ])
     vcfg = vqgan.VQGANConfig.from_dict(cfg.vqgan)
     tcfg = cfg.train_tokenizer
-    model, disc, tx, dtx, create_state = train_tokenizer.build(vcfg, tcfg, 64)
+    model, disc, tx, dtx, create_state = tokenizer_lib.build(vcfg, tcfg, 64)
     state0 = nn.unbox(create_state(jax.random.key(0)))
-    step = jax.jit(train_tokenizer.make_train_step(model, disc, tx, dtx, vcfg, tcfg))
+    step = jax.jit(tokenizer_lib.make_train_step(model, disc, tx, dtx, vcfg, tcfg))
     state1, m1 = step(state0, _images(4), jax.random.key(0))  # step 0 < disc_start: D frozen
     state2, m2 = step(state1, _images(4), jax.random.key(1))  # D's first step: warm-up lr 0
     state2, m2 = step(state2, _images(4), jax.random.key(2))
@@ -78,7 +79,7 @@ def test_train_resume_and_load(tmp_path, capsys):
     assert train_tokenizer.train(cfg, b, quiet=True)["step"] == 4
 
     images = _images(2, "test")
-    tok_a, tok_b = vqgan.ImageTokenizer.from_workdir(a), vqgan.ImageTokenizer.from_workdir(b)
+    tok_a, tok_b = workdir.load_image_tokenizer(a), workdir.load_image_tokenizer(b)
     assert tok_a.factor == 4 and tok_a.codebook_size == 64
     tokens = tok_a.encode(images)
     assert tokens.shape == (2, 16, 16) and tokens.dtype == np.int32
@@ -87,7 +88,7 @@ def test_train_resume_and_load(tmp_path, capsys):
     assert rec.shape == (2, 64, 64, 3) and rec.dtype == np.uint8
     np.testing.assert_array_equal(np.asarray(rec), np.asarray(tok_b.decode(tokens)))
     # An earlier step is a different tokenizer.
-    tok_2 = vqgan.ImageTokenizer.from_workdir(a, step=2)
+    tok_2 = workdir.load_image_tokenizer(a, step=2)
     assert not np.array_equal(np.asarray(tok_2.decode(tokens)), np.asarray(rec))
 
     # `muse-jax reconstruct` writes same-named PNGs and prints PSNR.
@@ -104,18 +105,18 @@ def test_train_resume_and_load(tmp_path, capsys):
 
 def test_missing_or_corrupt_tokenizer_errors(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no trained tokenizer"):
-        vqgan.ImageTokenizer.from_workdir(tmp_path)
+        workdir.load_image_tokenizer(tmp_path)
     tok = tmp_path / "tokenizer"
     tok.mkdir()
     (tok / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="unreadable or corrupt"):
-        vqgan.ImageTokenizer.from_workdir(tmp_path)
+        workdir.load_image_tokenizer(tmp_path)
     cfg = config_lib.load_config("shapes", TINY)
     meta = {"vqgan": vqgan.VQGANConfig.from_dict(cfg.vqgan).to_dict(),
             "train_tokenizer": cfg.train_tokenizer.to_dict(), "image_size": 64}
     (tok / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="cannot load the tokenizer"):
-        vqgan.ImageTokenizer.from_workdir(tmp_path)
+        workdir.load_image_tokenizer(tmp_path)
     (tmp_path / "pngs").mkdir()
     PIL.Image.fromarray(_images(1)[0]).save(tmp_path / "pngs" / "x.png")
     assert cli.main(["reconstruct", "--workdir", str(tmp_path), "--in", str(tmp_path / "pngs"), "--out", str(tmp_path / "o")]) == 2
@@ -137,12 +138,13 @@ def test_loss_falls_and_sharded_step_matches_one_device():
         from muse_jax import config as config_lib
         from muse_jax.data import shapes
         from muse_jax.models import vqgan
-        from muse_jax.training import partitioning, train_tokenizer
+        from muse_jax.training import partitioning
+        from muse_jax.training import tokenizer_step as tokenizer_lib
         cfg = config_lib.load_config("shapes", {TINY!r} + ["--config.train_tokenizer.batch_size=8",
                                                        "--config.train_tokenizer.lr=3e-3"])
         vcfg, tcfg = vqgan.VQGANConfig.from_dict(cfg.vqgan), cfg.train_tokenizer
-        model, disc, tx, dtx, create_state = train_tokenizer.build(vcfg, tcfg, 64)
-        step_fn = train_tokenizer.make_train_step(model, disc, tx, dtx, vcfg, tcfg)
+        model, disc, tx, dtx, create_state = tokenizer_lib.build(vcfg, tcfg, 64)
+        step_fn = tokenizer_lib.make_train_step(model, disc, tx, dtx, vcfg, tcfg)
         images = np.stack([shapes.make_example(0, "train", i)["image"] for i in range(8)])
         rng = jax.random.key(0)
 

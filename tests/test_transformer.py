@@ -39,7 +39,7 @@ def _abstract_count(cfg) -> int:
         ("muse_632m", "base", 632e6, 0.05),
         # The paper's "3B" is rounded: 48 x (self + cross + MLP) blocks at 2048/8192 are 3.27e9.
         ("muse_3b", "base", 3.0e9, 0.10),
-        # 16 + 32 blocks at 1024/4096 cannot total 268M (see configs/superres_268m.py): the
+        # 16 + 32 blocks at 1024/4096 cannot total 268M (see muse_jax/configs/paper.py): the
         # count is checked against the closed form only, and the gap recorded here.
         ("superres_268m", "superres", 7.74e8, 0.01),
     ],

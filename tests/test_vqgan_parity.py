@@ -8,7 +8,7 @@ diffusers = pytest.importorskip("diffusers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from muse_jax.models import vqgan  # noqa: E402
+from muse_jax.models import vqgan, vqgan_diffusers  # noqa: E402
 
 
 def _diffusers_model(mid_attention: bool, num_levels: int = 3):
@@ -38,10 +38,10 @@ def _diffusers_model(mid_attention: bool, num_levels: int = 3):
 @pytest.mark.parametrize("mid_attention,num_levels", [(True, 3), (False, 5)])
 def test_diffusers_vqmodel_parity(mid_attention, num_levels):
     model = _diffusers_model(mid_attention, num_levels)
-    cfg = vqgan.config_from_diffusers(model.config)
+    cfg = vqgan_diffusers.config_from_diffusers(model.config)
     assert cfg.factor == 2 ** (num_levels - 1) and cfg.mid_attention == mid_attention
     size = 4 * cfg.factor
-    params = vqgan.load_diffusers(model.state_dict(), cfg, image_size=size)
+    params = vqgan_diffusers.load_diffusers(model.state_dict(), cfg, image_size=size)
 
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, size, size)).astype(np.float32)
     with torch.no_grad():
@@ -68,11 +68,11 @@ def test_diffusers_vqmodel_parity(mid_attention, num_levels):
 
 def test_load_diffusers_rejects_mismatched_weights():
     model = _diffusers_model(True)
-    cfg = vqgan.config_from_diffusers(model.config, mid_attention=False)
+    cfg = vqgan_diffusers.config_from_diffusers(model.config, mid_attention=False)
     with pytest.raises(ValueError, match="unexpected"):
-        vqgan.load_diffusers(model.state_dict(), cfg, image_size=16)
-    cfg = vqgan.config_from_diffusers(model.config)
+        vqgan_diffusers.load_diffusers(model.state_dict(), cfg, image_size=16)
+    cfg = vqgan_diffusers.config_from_diffusers(model.config)
     sd = dict(model.state_dict())
     del sd["decoder.conv_out.bias"]
     with pytest.raises(ValueError, match="missing.*decoder/conv_out/bias"):
-        vqgan.load_diffusers(sd, cfg, image_size=16)
+        vqgan_diffusers.load_diffusers(sd, cfg, image_size=16)

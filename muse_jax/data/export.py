@@ -1,10 +1,9 @@
-"""Exports dataset examples as PNG files plus `captions.jsonl`, and draws sample grids."""
+"""Exports dataset examples as PNG files plus `captions.jsonl`."""
 from __future__ import annotations
 
 import json
 import pathlib
 
-import numpy as np
 import PIL.Image
 import tqdm
 
@@ -30,18 +29,3 @@ def export_shapes(out: str | pathlib.Path, num: int, split: str, seed: int = 0) 
                       "seed": seed, "attributes": json.loads(ex["attributes"])}
             f.write(json.dumps(record) + "\n")
     return out
-
-
-def image_grid(images: np.ndarray, cols: int = 8, pad: int = 2, scale: int = 1) -> np.ndarray:
-    """[n, h, w, 3] uint8 -> one [rows*(h+pad)+pad, cols*(w+pad)+pad, 3] grid image."""
-    images = np.asarray(images)
-    n, h, w, c = images.shape
-    cols = min(cols, n)
-    rows = -(-n // cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, k = divmod(i, cols)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = img
-    if scale > 1:
-        grid = grid.repeat(scale, 0).repeat(scale, 1)
-    return grid

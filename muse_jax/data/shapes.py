@@ -3,7 +3,7 @@
 Every example is a pure function of (seed, split, index): `make_example(seed, split, index)`
 draws a scene (`sample_scene`), renders it (`render`) and captions it (`caption`).
 
-Spec v1, in brief (the full text lives in the foundation issue and the README):
+Spec v1, in brief (the full text is in the README):
   * 64x64 RGB uint8, drawn at 4x and area-downsampled, so edges are antialiased while a
     solid interior keeps the exact palette colour.
   * One background (black, white, gray); one object (small s=14 or large s=24) or two

@@ -20,7 +20,8 @@ import json
 import os
 import pathlib
 import shutil
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 

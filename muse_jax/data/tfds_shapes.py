@@ -20,7 +20,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
     def __init__(self, *, num_train: int, num_test: int, seed: int):
         super().__init__(
             name=f"spec{shapes.SPEC_VERSION}_seed{seed}_train{num_train}_test{num_test}",
-            description="procedural captioned shapes, spec v%d" % shapes.SPEC_VERSION,
+            description=f"procedural captioned shapes, spec v{shapes.SPEC_VERSION}",
         )
         self.num_train, self.num_test, self.seed = num_train, num_test, seed
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

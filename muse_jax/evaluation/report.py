@@ -1,117 +1,76 @@
-"""One-call evaluations for `muse-jax eval`: generated images (alignment + FID) and the
-tokenizer (PSNR, SSIM, reconstruction FID, codebook usage), written as JSON."""
+"""The markdown report of an evaluated workdir (W/report.md): samples, alignment, stage tables, tokenizer, time."""
 from __future__ import annotations
 
-import json
-import os
-import time
-from typing import Any, Callable, Mapping, Sequence
-
-import numpy as np
-
-from muse_jax.evaluation import alignment, features, fid, metrics
-
-DETECTOR_MIN_ACCURACY = 0.99
+import pathlib
 
 
-def validate_detector(num: int = 1000, seed: int = 0, split: str = "test",
-                      min_accuracy: float = DETECTOR_MIN_ACCURACY) -> dict[str, Any]:
-    """The detector's accuracy on real images (`alignment.detector_accuracy`); raises if any
-    attribute is below `min_accuracy`, so it never judges generated images unvalidated."""
-    acc = alignment.detector_accuracy(num=num, seed=seed, split=split)
-    low = {k: v for k, v in acc.items() if isinstance(v, float) and v < min_accuracy}
-    if low:
-        raise RuntimeError(f"the shapes detector is below {min_accuracy:.0%} on real {split} images: {low}")
-    return acc
+def _pct(x) -> str:
+    return f"{100 * x:.1f} %"
 
 
-def _inception_fid(images, reference_images, inception_variables, cache_dir, dataset_id):
-    from muse_jax.evaluation import inception
-
-    fn = inception.make_feature_fn(inception_variables)
-    extract = lambda ims: inception.inception_features(ims, inception_variables, feature_fn=fn)
-    extractor_id = f"inception-v3-fid-pool3-{inception.fingerprint(inception_variables)}"
-    ref = fid.cached_statistics(cache_dir, extractor_id, dataset_id, lambda: extract(reference_images()))
-    return fid.fid_from_statistics(extract(images), ref)
-
-
-def evaluate_images(
-    images: np.ndarray,
-    captions: Sequence[str],
-    *,
-    cache_dir: str,
-    seed: int = 0,
-    num_reference: int = 1000,
-    inception_variables: Mapping[str, Any] | None = None,
-    return_details: bool = False,
-) -> dict[str, Any]:
-    """Text alignment (per attribute and prompt group) and FID of generated [N, 64, 64, 3] uint8
-    images against the first `num_reference` test images (statistics cached in `cache_dir`):
-    the in-domain shapes FID always, the InceptionV3 FID when `inception_variables` are given."""
-    images = np.asarray(images)
-    report: dict[str, Any] = {"num_images": int(len(images))}
-    report["alignment"] = alignment.alignment_report(images, captions, return_details=return_details)
-    ref_stats = features.shapes_reference_statistics(cache_dir, seed=seed, split="test", num=num_reference)
-    report["fid_shapes"] = fid.fid_from_statistics(features.shapes_features(images), ref_stats)
-    report["fid_shapes_features"] = features.SHAPES_FEATURES_ID
-    if inception_variables is not None:
-        report["fid_inception"] = _inception_fid(
-            images, lambda: features.shapes_images(seed, "test", num_reference), inception_variables, cache_dir,
-            features.shapes_dataset_id(seed, "test", num_reference))
-    return report
+def _stage_lines(stages: dict | None) -> list[str]:
+    """Markdown: the stage-by-stage tables (`evaluation.run.stage_breakdown`), if they were run."""
+    if not stages:
+        return []
+    lines = [
+        "### Stage by stage", "",
+        "Where the cascade loses what the caption says: real images, the tokenizer alone, the super-res "
+        "stage given the real images' base tokens, the base stage alone (upsampled), the whole cascade. "
+        "A stage's row bounds what the stages after it can reach.", "",
+    ]
+    for kind, rows in stages.items():
+        first = next(iter(rows.values()))
+        attrs = sorted(first["attributes"])
+        lines += [
+            f"{first['num']} test captions of {kind}:", "",
+            "| images | fully correct | " + " | ".join(attrs) + " |", "|---|---|" + "---|" * len(attrs),
+            *[f"| {name} | {_pct(r['all'])} | " + " | ".join(_pct(r["attributes"][k]) for k in attrs) + " |"
+              for name, r in rows.items()], "",
+        ]
+    return lines
 
 
-def evaluate_tokenizer(
-    originals: np.ndarray,
-    reconstructions: np.ndarray,
-    tokens: np.ndarray,
-    codebook_size: int,
-    *,
-    inception_variables: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """PSNR and SSIM (means over images), reconstruction FID (reconstructions vs originals,
-    shapes features; InceptionV3 too when given) and codebook usage of the tokens."""
-    originals, reconstructions = np.asarray(originals), np.asarray(reconstructions)
-    p = metrics.psnr(originals, reconstructions)
-    report: dict[str, Any] = {
-        "num_images": int(len(originals)),
-        "psnr": float(np.mean(np.minimum(p, 100.0))),  # identical images count as 100 dB
-        "ssim": float(np.mean(metrics.ssim(originals, reconstructions))),
-        "rfid_shapes": fid.fid_from_features(features.shapes_features(originals),
-                                             features.shapes_features(reconstructions)),
-        "codebook": metrics.codebook_usage(tokens, codebook_size),
-    }
-    if inception_variables is not None:
-        from muse_jax.evaluation import inception
-
-        fn = inception.make_feature_fn(inception_variables)
-        report["rfid_inception"] = fid.fid_from_features(
-            inception.inception_features(originals, inception_variables, feature_fn=fn),
-            inception.inception_features(reconstructions, inception_variables, feature_fn=fn))
-    return report
-
-
-def timed_generation(generate: Callable[[Sequence[str]], np.ndarray], prompts: Sequence[str],
-                     batch_size: int) -> tuple[np.ndarray, float]:
-    """Runs `generate(batch_of_prompts) -> [B, H, W, 3] uint8` over `prompts`; returns (images,
-    seconds per image), timing every batch after the first (which includes compilation)."""
-    if not prompts:
-        raise ValueError("timed_generation needs at least one prompt")
-    out, seconds, counted = [], 0.0, 0
-    for i, start in enumerate(range(0, len(prompts), batch_size)):
-        batch = list(prompts[start:start + batch_size])
-        t0 = time.perf_counter()
-        images = np.asarray(generate(batch))
-        dt = time.perf_counter() - t0
-        if i > 0 or len(prompts) <= batch_size:  # a single batch: its time is all we have
-            seconds, counted = seconds + dt, counted + len(batch)
-        out.append(images)
-    return np.concatenate(out), seconds / max(counted, 1)
-
-
-def write_json(report: Mapping[str, Any], path: str) -> str:
-    """Writes a report as indented JSON (creating the folder)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2, sort_keys=True, default=float)
+def write_report(workdir: pathlib.Path, cfg, ev: dict, timings: dict) -> pathlib.Path:
+    """W/report.md: the sample grids, the metrics, and the commands to sample and edit."""
+    gen, tok = ev["generation"], ev["tokenizer"]
+    align = gen["alignment"]
+    lines = [
+        "# muse_jax quickstart report", "",
+        f"Workdir `{workdir}`; config `{cfg.get('name', 'shapes')}`; dataset {cfg.data.num_train} train / "
+        f"{cfg.data.num_test} test images (shapes spec v1).", "",
+        "## Samples", "",
+        "One row per prompt (`samples/prompts_grid.txt` lists them):", "",
+        "![samples](samples/prompts_grid.png)", "",
+        "Evaluation prompts, one row per group (one object seen, held-out pair, relation, places):", "",
+        "![eval samples](eval/samples.png)", "",
+        "## Text alignment (fully correct: every stated attribute right)", "",
+        "| group | prompts | fully correct | " + " | ".join(sorted(align["attributes"])) + " |",
+        "|---|---|---|" + "---|" * len(align["attributes"]),
+    ]
+    for g, r in list(align["groups"].items()) + [("all", {"num": align["num"], **align})]:
+        lines.append(f"| {g} | {r['num']} | {_pct(r['all'])} | " + " | ".join(
+            _pct(r["attributes"][k]) if k in r["attributes"] else "-" for k in sorted(align["attributes"])) + " |")
+    lines += [
+        "", f"In-domain FID (shapes features) against 1000 test images: {gen['fid_shapes']:.2f}; "
+        f"sampling {gen['sec_per_image'] * 1000:.0f} ms per image (after compilation).", "",
+        *_stage_lines(ev.get("stages")),
+        "## Tokenizer", "",
+        f"PSNR {tok['psnr']:.2f} dB (at the base stage's 32 px: {tok.get('psnr_lowres', float('nan')):.2f} dB), "
+        f"SSIM {tok['ssim']:.4f}, reconstruction FID (shapes features) "
+        f"{tok['rfid_shapes']:.2f}, codebook usage {_pct(tok['codebook']['fraction_used'])} "
+        f"(perplexity {tok['codebook']['perplexity']:.1f}) on {tok['num_images']} test images.", "",
+        "## Time", "",
+        "| stage | seconds |", "|---|---|",
+        *[f"| {k} | {v:.0f} |" for k, v in timings.items()], "",
+        "## Go further", "", "```bash",
+        f'muse-jax sample --workdir {workdir} --prompt "a large blue circle in the center" --num 8 --out grid.png',
+        f'muse-jax sample --workdir {workdir} --prompts-file prompts.txt --out-dir samples/',
+        f'muse-jax edit --workdir {workdir} --image in.png --mask mask.png --prompt "a red square in the center" '
+        "--out inpainted.png",
+        f'muse-jax edit --workdir {workdir} --image in.png --prompt "a green cross on the left" --out edited.png',
+        f"muse-jax eval --workdir {workdir} --out {workdir}/eval --sweep-steps 4,8,12,24 --sweep-guidance 0,1,3,5",
+        "```", "",
+    ]
+    path = workdir / "report.md"
+    path.write_text("\n".join(lines))
     return path

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import pathlib
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import PIL.Image
 
-from muse_jax.data import export, pipeline as data_pipeline, shapes
-from muse_jax.evaluation import alignment, report, sweep
+from muse_jax import image_ops
+from muse_jax import workdir as workdir_lib
+from muse_jax.data import shapes
+from muse_jax.evaluation import alignment, scores, sweep
+from muse_jax.evaluation import tokenizer as tokenizer_eval
 
 GROUPS = ("one_seen", "one_heldout", "relation", "places")
 
@@ -29,37 +33,12 @@ def _load_inception(path: str | None):
     return inception.load_inception(path)
 
 
-def evaluate_tokenizer(workdir: pathlib.Path, config, num: int, inception_variables=None) -> dict[str, Any]:
-    """PSNR, SSIM, reconstruction FID and codebook usage on the first `num` test images."""
-    from muse_jax.models import vqgan
-
-    tok = vqgan.ImageTokenizer.from_workdir(workdir)
-    source = data_pipeline.make_source(config.data, "test", workdir / "data")
-    canon = data_pipeline.Canonicalize()
-    images = np.stack([canon.map(source[i])["image"] for i in range(min(num, len(source)))])
-    tokens, recons = [], []
-    for start in range(0, len(images), 64):
-        t = np.asarray(tok.encode(images[start:start + 64]))
-        tokens.append(t)
-        recons.append(np.asarray(tok.decode(t)))
-    result = report.evaluate_tokenizer(images, np.concatenate(recons), np.concatenate(tokens), tok.codebook_size,
-                                       inception_variables=inception_variables)
-    # The base stage's resolution: images area-downsampled by 2 (as the token cache makes them).
-    from muse_jax import editing
-    from muse_jax.evaluation import metrics
-
-    low = editing.downsample_area(images, 2)
-    low_rec = np.concatenate([np.asarray(tok.decode(tok.encode(low[s:s + 64]))) for s in range(0, len(low), 64)])
-    result["psnr_lowres"] = float(np.mean(np.minimum(metrics.psnr(low, low_rec), 100.0)))
-    return result
-
-
 def _generate_and_score(pipe, prompts: Sequence[str], cache_dir: str, seed: int, overrides: dict,
                         inception_variables=None) -> tuple[np.ndarray, dict[str, Any]]:
     batch = pipe.options.batch_size
-    images, sec = report.timed_generation(
+    images, sec = scores.timed_generation(
         lambda ps: pipe.generate(ps, seed=seed, **overrides), prompts, batch)
-    result = report.evaluate_images(images, prompts, cache_dir=cache_dir, seed=0,
+    result = scores.evaluate_images(images, prompts, cache_dir=cache_dir, seed=0,
                                     inception_variables=inception_variables)
     result["sec_per_image"] = sec
     result["settings"] = {k: v for k, v in overrides.items() if v is not None}
@@ -118,7 +97,7 @@ def _samples_grid(images: np.ndarray, prompts: Sequence[str], path: pathlib.Path
         idx = [i for i, p in enumerate(prompts) if alignment.prompt_group(p) == g][:per_group]
         if idx:
             rows.append(np.stack([images[i] for i in idx] + [np.full_like(images[0], 255)] * (per_group - len(idx))))
-    PIL.Image.fromarray(export.image_grid(np.concatenate(rows), cols=per_group, scale=2)).save(path)
+    PIL.Image.fromarray(image_ops.image_grid(np.concatenate(rows), cols=per_group, scale=2)).save(path)
     path.with_suffix(".txt").write_text("".join(
         f"{g}: " + " | ".join([p for p in prompts if alignment.prompt_group(p) == g][:per_group]) + "\n"
         for g in GROUPS))
@@ -130,22 +109,22 @@ def run(workdir, out_dir, *, num_prompts: int = 200, seed: int = 0, steps: int |
         num_detector_images: int = 500, num_stage_images: int = 0,
         inception_path: str | None = None, quiet: bool = False) -> dict[str, Any]:
     """Evaluates workdir W at its default decoding settings (or the ones given); returns the report."""
-    from muse_jax.pipeline import Pipeline, load_workdir_config
+    from muse_jax.cascade import Pipeline
 
     if num_stage_images < 0:
         raise ValueError(f"num_stage_images must be >= 0 (0: skip), got {num_stage_images}")
     workdir, out_dir = pathlib.Path(workdir), pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    config = load_workdir_config(workdir)
+    config = workdir_lib.load_config(workdir)
     inception_variables = _load_inception(inception_path)
     cache_dir = str(workdir / "eval_cache")
 
     t0 = time.time()
     say("validating the shapes detector on real test images ...")
-    detector = report.validate_detector(num=num_detector_images, seed=0, split="test")
+    detector = scores.validate_detector(num=num_detector_images, seed=0, split="test")
     say("evaluating the tokenizer ...")
-    tokenizer = evaluate_tokenizer(workdir, config, num_tokenizer_images, inception_variables)
+    tokenizer = tokenizer_eval.evaluate(workdir, config, num_tokenizer_images, inception_variables)
     say(f"  psnr {tokenizer['psnr']:.2f} dB (32 px: {tokenizer['psnr_lowres']:.2f} dB), ssim {tokenizer['ssim']:.4f}, "
         f"codebook usage {tokenizer['codebook']['fraction_used']:.1%}")
 
@@ -185,6 +164,6 @@ def run(workdir, out_dir, *, num_prompts: int = 200, seed: int = 0, steps: int |
 
     result = {"workdir": str(workdir), "detector_accuracy": detector, "tokenizer": tokenizer,
               "generation": main, "stages": stages, "sweeps": sweeps, "seconds": time.time() - t0}
-    report.write_json(result, str(out_dir / "eval.json"))
+    scores.write_json(result, str(out_dir / "eval.json"))
     say(f"wrote {out_dir / 'eval.json'} ({result['seconds']:.0f}s)")
     return result

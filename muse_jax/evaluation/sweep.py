@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 REQUIRED_KEYS = ("steps", "guidance", "accuracy", "fid", "sec_per_image")
 

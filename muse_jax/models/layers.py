@@ -1,4 +1,4 @@
-"""Shared building blocks: the one attention implementation and the logical axis names.
+"""Shared building blocks: the one attention implementation, dtype names and the logical axis names.
 
 Logical axis names used on parameters and activations (mapped to mesh axes by the rules
 in the config, see `muse_jax/training/partitioning.py`):
@@ -13,6 +13,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype(name):
+    """A compute/parameter dtype from its config name ("float32", "bfloat16", "float16"); dtypes pass through."""
+    if not isinstance(name, str):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def dot_product_attention(

@@ -28,7 +28,8 @@ import dataclasses
 import json
 import math
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from muse_jax.models.layers import dot_product_attention
+from muse_jax.models.layers import dtype as _dtype
 
 # Public sizes (d_model, d_kv, d_ff, num_layers, num_heads, feed_forward_proj) of the released
 # checkpoints. T5 v1.1 and Flan-T5 share architectures (gated-GELU, untied embeddings);
@@ -102,7 +104,7 @@ class T5Config:
         return self.d_model
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "T5Config":
+    def from_preset(cls, name: str, **overrides) -> T5Config:
         """A released size by name (see `PRESETS`), e.g. "t5-v1_1-xxl" or "flan-t5-xl"."""
         if name not in _SIZES:
             raise ValueError(f"unknown T5 preset {name!r}; known: {', '.join(PRESETS)}")
@@ -113,7 +115,7 @@ class T5Config:
         return cls(**fields)
 
     @classmethod
-    def coerce(cls, cfg: Any) -> "T5Config":
+    def coerce(cls, cfg: Any) -> T5Config:
         """T5Config from a T5Config, a preset name, a dict or an ml_collections ConfigDict."""
         if isinstance(cfg, cls):
             return cfg
@@ -130,7 +132,7 @@ class T5Config:
         return cls(**dict(cfg))
 
     @classmethod
-    def from_hf(cls, hf_config: Any, **overrides) -> "T5Config":
+    def from_hf(cls, hf_config: Any, **overrides) -> T5Config:
         """From a Hugging Face `T5Config` object or its config.json dict."""
         d = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
         names = [f.name for f in dataclasses.fields(cls) if f.name not in ("dtype", "param_dtype")]
@@ -167,10 +169,6 @@ def relative_position_bucket(
     scaled = np.log(ratio) / np.float32(math.log(max_distance / max_exact)) * np.float32(half - max_exact)
     large = np.minimum(max_exact + scaled.astype(np.int64), half - 1)
     return (bucket + np.where(is_small, n, large)).astype(np.int32)
-
-
-def _dtype(name: str):
-    return jnp.dtype(name)
 
 
 class RMSNorm(nn.Module):
@@ -286,7 +284,7 @@ class T5Encoder(nn.Module):
     config: T5Config
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "T5Encoder":
+    def from_config(cls, cfg: Any) -> T5Encoder:
         """From a T5Config, preset name, dict or ConfigDict (see `T5Config.coerce`)."""
         return cls(T5Config.coerce(cfg))
 

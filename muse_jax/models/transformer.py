@@ -9,7 +9,7 @@ layers; those outputs, concatenated with the projected text embeddings, are the 
 memory of a high-resolution stack that predicts the masked high-resolution tokens.
 
 For samplers:
-    model, params, config = load_stage(workdir, "base")      # muse_jax.training.loop.load_stage
+    model, params = workdir.load_stage_params(W, "base")       # muse_jax.workdir
     emb, mask = ..., ...                                     # text embeddings [B, L, D], bool [B, L]
     if model.text_encoder_config is not None:                # a T5 trained jointly with the stage
         emb = model.apply({"params": params}, ids, mask, method=model.encode_text)
@@ -27,23 +27,15 @@ block in the backward pass.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from muse_jax.models.layers import dot_product_attention
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _dtype(name):
-    if not isinstance(name, str):
-        return name
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+from muse_jax.models.layers import dtype as _dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +85,7 @@ class TransformerConfig:
         return self.grid_size**2
 
     @classmethod
-    def coerce(cls, cfg: Any) -> "TransformerConfig":
+    def coerce(cls, cfg: Any) -> TransformerConfig:
         """From a TransformerConfig, dict or ConfigDict (unknown keys are an error)."""
         if isinstance(cfg, cls):
             return cfg

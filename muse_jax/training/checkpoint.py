@@ -29,7 +29,8 @@ import math
 import pathlib
 import signal
 import threading
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import grain.python as grain
 import jax
@@ -178,6 +179,49 @@ class Checkpointer:
                 paths.rmtree(dst)
             src.rename(dst)
         self._manager.reload()
+
+
+def restore_subtree(directory, target: Mapping[str, Any], step: int | None = None) -> tuple[Any, int]:
+    """Only the named top-level fields of a saved `state` item, e.g. `{"params": abstract_params}`.
+
+    Reads nothing else (no optimizer state): for samplers and warm starts. `target` holds
+    ShapeDtypeStructs (with the shardings to place the arrays on). Without `step`, the newest
+    readable step. Returns (subtree, step); raises `CheckpointError` naming what was tried.
+    """
+    directory = paths.as_path(directory)
+    steps = sorted(int(p.name) for p in directory.glob("[0-9]*") if p.name.isdigit()) if directory.is_dir() else []
+    if not steps:
+        raise CheckpointError(f"no checkpoints in {directory}")
+    if step is not None and step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {directory} (have {steps})")
+    target = jax.tree_util.tree_map(_as_abstract, dict(target))
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    errors = []
+    for s in ([step] if step is not None else reversed(steps)):
+        try:
+            with ocp.PyTreeCheckpointer() as reader:
+                out = reader.restore(directory / str(s) / "state", args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=restore_args, partial_restore=True))
+        except Exception as e:  # unreadable: try the previous one
+            errors.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        bad = [jax.tree_util.keystr(p) for (p, x), t in zip(jax.tree_util.tree_leaves_with_path(out),
+                                                          jax.tree_util.tree_leaves(target))
+               if tuple(x.shape) != tuple(t.shape)]
+        if bad:
+            errors.append(f"step {s}: shapes differ from the target at {bad[:5]}")
+            continue
+        return out, s
+    raise CheckpointError(f"no readable checkpoint in {directory} for this target; tried: " + "; ".join(errors))
+
+
+def saved_fields(directory, step: int) -> dict[str, int]:
+    """Top-level fields of the `state` saved at `step` -> their number of arrays (0: None or empty)."""
+    with ocp.PyTreeCheckpointer() as reader:
+        meta = reader.metadata(paths.as_path(directory) / str(step) / "state")
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    return {k: len(jax.tree_util.tree_leaves(v)) for k, v in dict(tree).items()}
 
 
 def _as_abstract(x):

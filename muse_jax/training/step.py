@@ -1,7 +1,7 @@
-"""The masked-token training step (Muse 2.6): optimizer, state, loss, and `make_train_step`.
+"""The masked-token training step (Muse 2.6): state, loss, and `make_train_step`.
 
-    tx = make_optimizer(config.train)
-    state = create_state(...)                       # see loop.py (sharded init via partitioning)
+    tx = optimizer.make_optimizer(config.train)
+    state = create_state(...)                       # see state.py (sharded init via partitioning)
     train_step = make_train_step(config, model, mesh, shardings, empty_text=...)
     state, metrics = train_step(state, batch, rng)  # jitted, named shardings, donated state
 
@@ -12,17 +12,20 @@ by the empty prompt, so the model also learns the unconditional distribution (gu
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from muse_jax import masking, precision
 from muse_jax.models import transformer as transformer_lib
+from muse_jax.training import optimizer as optimizer_lib
 from muse_jax.training import partitioning
 
 
@@ -33,36 +36,6 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     opt_state: Any
     ema_params: Any = None
-
-
-def learning_rate_schedule(train_config) -> optax.Schedule:
-    """Linear warmup to `lr`, cosine decay to `lr * end_lr_fraction` at `num_steps`."""
-    t = train_config
-    warmup = max(0, min(int(t.warmup_steps), int(t.num_steps) - 1))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=float(t.lr), warmup_steps=warmup,
-        decay_steps=max(int(t.num_steps), warmup + 1), end_value=float(t.lr) * float(t.end_lr_fraction),
-    )
-
-
-def _decay_mask(params):
-    """Weight decay on matrices only (not biases, norms' scales)."""
-    return jax.tree_util.tree_map(lambda x: getattr(x, "ndim", 0) >= 2, params)
-
-
-def make_optimizer(train_config) -> optax.GradientTransformation:
-    """Gradient clipping + AdamW (the paper's b1 0.9, b2 0.96, wd 0.045) or Adafactor."""
-    t = train_config
-    schedule = learning_rate_schedule(t)
-    if t.optimizer == "adamw":
-        opt = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=_decay_mask)
-    elif t.optimizer == "adafactor":
-        opt = optax.adafactor(schedule, decay_rate=t.b2, weight_decay_rate=t.weight_decay or None,
-                              weight_decay_mask=_decay_mask)
-    else:
-        raise ValueError(f"unknown optimizer {t.optimizer!r}; expected 'adamw' or 'adafactor'")
-    chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip and t.grad_clip > 0 else []
-    return optax.chain(*chain, opt)
 
 
 def create_state(model, tx, rng, inputs, ema: bool = False) -> TrainState:
@@ -142,8 +115,8 @@ def make_train_step(config, model, mesh, state_shardings, *, empty_text=None, ru
     rules = partitioning.logical_rules(config) if rules is None else rules
     t = config.train
     loss_fn = make_loss_fn(config, model, empty_text)
-    schedule = learning_rate_schedule(t)
-    tx = make_optimizer(t)
+    schedule = optimizer_lib.learning_rate_schedule(t)
+    tx = optimizer_lib.make_optimizer(t)
 
     def step(state: TrainState, batch, rng):
         rng = jax.random.fold_in(rng, state.step)

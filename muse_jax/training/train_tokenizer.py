@@ -1,187 +1,30 @@
-"""`muse-jax train-tokenizer`: trains the VQGAN image tokenizer, top to bottom.
+"""`muse-jax train-tokenizer`: trains the VQGAN image tokenizer, top to bottom, then evaluates it.
 
-Workdir layout:
-  W/data/                        the dataset (tfds array_record, built once)
-  W/tokenizer/config.json        {"vqgan": model config, "train_tokenizer": ..., "image_size": ...}
-  W/tokenizer/checkpoints/<step> Orbax checkpoints (train state + data-iterator position)
-  W/tokenizer/tb/                TensorBoard events
-  W/tokenizer/eval.json          the final evaluation on the test split
-W may be a bucket URI (gs://...): the dataset then goes to a local folder (muse_jax.paths.local_dir).
-
-Losses (generator): rec_weight * L1|L2 + codebook + beta * commitment
-  [+ perceptual_weight * LPIPS-style VGG distance] [+ adversarial_weight * GAN loss after
-  disc_start]. Discriminator: hinge or non-saturating [+ R1 or LeCam].
-Codebook safeguards: l2-normalised codes (config.vqgan.l2_normalize) and dead-code restarts
-(a code whose usage EMA falls below `dead_code_fraction / K` is reset to a random latent of
-the current batch every `restart_every` steps, until `restart_until`).
+Reads top to bottom: mesh and data -> sharded state (`tokenizer_step.py`), restored if a checkpoint
+exists -> the jitted step in a loop with metrics, checkpoints and SIGTERM handling -> the test
+split's reconstruction metrics (`evaluate`) into W/tokenizer/eval.json. Where it writes:
+muse_jax/workdir.py (W/tokenizer/).
 """
 from __future__ import annotations
 
 import json
-import pathlib
 import time
-from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from muse_jax import config as config_lib, editing
-from muse_jax import paths
-from muse_jax.data import pipeline, shapes
-from muse_jax.models import discriminator as disc_lib
+from muse_jax import config as config_lib
+from muse_jax import image_ops
+from muse_jax import workdir as workdir_lib
+from muse_jax.data import loader as loader_lib
+from muse_jax.data import shapes, sources
 from muse_jax.models import vqgan
 from muse_jax.models import vqgan_losses as losses
 from muse_jax.training import checkpoint as ckpt_lib
 from muse_jax.training import partitioning
+from muse_jax.training import tokenizer_step as tokenizer_lib
 from muse_jax.training import writer as writer_lib
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any  # VQGAN
-    opt_state: Any
-    disc_params: Any  # PatchDiscriminator ({} without the adversarial loss)
-    disc_opt_state: Any
-    code_usage: jax.Array  # [K] EMA of each code's share of the tokens
-    lecam_ema: jax.Array  # [2] EMAs of the mean real / fake discriminator logits
-
-
-def _adversarial(tcfg) -> bool:
-    return tcfg.adversarial_weight > 0
-
-
-def make_optimizer(tcfg, lr: float) -> optax.GradientTransformation:
-    """Adam(W) with linear warm-up and cosine decay, global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, lr, max(1, tcfg.warmup_steps), max(tcfg.num_steps, tcfg.warmup_steps + 1), end_value=lr * tcfg.end_lr_fraction
-    )
-    return optax.chain(
-        optax.clip_by_global_norm(tcfg.grad_clip),
-        optax.adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay),
-    )
-
-
-def build(vcfg: vqgan.VQGANConfig, tcfg, image_size: int):
-    """The model, discriminator, optimizers and `create_state(rng) -> boxed TrainState`."""
-    model = vqgan.VQGAN(vcfg)
-    disc = disc_lib.PatchDiscriminator(tcfg.disc_channels, tcfg.disc_layers, tcfg.disc_norm_groups)
-    tx = make_optimizer(tcfg, tcfg.lr)
-    dtx = make_optimizer(tcfg, tcfg.disc_lr)
-
-    def create_state(rng):
-        r1, r2 = jax.random.split(rng)
-        x = jnp.zeros((1, image_size, image_size, vcfg.in_channels), jnp.float32)
-        params = model.init(r1, x)["params"]
-        disc_params = disc.init(r2, x)["params"] if _adversarial(tcfg) else {}
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(nn.unbox(params)),
-            disc_params=disc_params,
-            disc_opt_state=dtx.init(nn.unbox(disc_params)),
-            code_usage=jnp.full((vcfg.codebook_size,), 1.0 / vcfg.codebook_size, jnp.float32),
-            lecam_ema=jnp.zeros((2,), jnp.float32),
-        )
-
-    return model, disc, tx, dtx, create_state
-
-
-def make_train_step(model, disc, tx, dtx, vcfg, tcfg, perceptual_weights=None):
-    """(state, images uint8 [B,H,W,3], rng) -> (state, metrics); pure, jit it."""
-    adversarial = _adversarial(tcfg)
-    K = vcfg.codebook_size
-
-    def generator_loss(params, disc_params, images, step):
-        recon, aux = model.apply({"params": params}, images)
-        rec = losses.reconstruction_loss(recon, images, tcfg.reconstruction_loss)
-        loss = tcfg.rec_weight * rec + aux["quantizer"]
-        metrics = {"rec_loss": rec, "codebook_loss": aux["codebook"], "commitment_loss": aux["commitment"]}
-        if tcfg.perceptual_weight > 0:
-            perc = losses.perceptual_loss(perceptual_weights, recon, images)
-            loss = loss + tcfg.perceptual_weight * perc
-            metrics["perceptual_loss"] = perc
-        if adversarial:
-            g_adv = losses.generator_loss(disc.apply({"params": disc_params}, recon), tcfg.adversarial_loss)
-            on = (step >= tcfg.disc_start).astype(jnp.float32)
-            loss = loss + on * tcfg.adversarial_weight * g_adv
-            metrics["g_adv_loss"] = g_adv
-        metrics["loss"] = loss
-        return loss, (recon, aux, metrics)
-
-    def disc_loss(disc_params, real, fake, lecam_ema):
-        d = lambda x: disc.apply({"params": disc_params}, x)  # noqa: E731
-        real_logits, fake_logits = d(real), d(fake)
-        loss = losses.discriminator_loss(real_logits, fake_logits, tcfg.adversarial_loss)
-        metrics = {"d_loss": loss, "d_real": jnp.mean(real_logits), "d_fake": jnp.mean(fake_logits)}
-        if tcfg.r1_weight > 0:
-            r1 = losses.r1_penalty(d, real)
-            loss = loss + tcfg.r1_weight * 0.5 * r1
-            metrics["r1"] = r1
-        if tcfg.lecam_weight > 0:
-            lecam = losses.lecam_penalty(real_logits, fake_logits, lecam_ema[0], lecam_ema[1])
-            loss = loss + tcfg.lecam_weight * lecam
-            metrics["lecam"] = lecam
-        return loss, metrics
-
-    def restart_dead_codes(params, code_usage, latents, step, rng):
-        dead = code_usage < tcfg.dead_code_fraction / K
-        active = (step % tcfg.restart_every == 0) & (step <= tcfg.restart_until) & (step > 0)
-        dead = dead & active
-        flat = latents.reshape(-1, latents.shape[-1])
-        pick = jax.random.randint(rng, (K,), 0, flat.shape[0])
-        codebook = params["quantizer"]["codebook"]
-        new = jnp.where(dead[:, None], flat[pick].astype(codebook.dtype), codebook)
-        params = {**params, "quantizer": {**params["quantizer"], "codebook": new}}
-        code_usage = jnp.where(dead, 1.0 / K, code_usage)
-        return params, code_usage, jnp.sum(dead)
-
-    def train_step(state: TrainState, images, rng):
-        images = vqgan.to_float_images(images)
-        step = state.step
-        grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
-        (_, (recon, aux, metrics)), grads = grad_fn(state.params, state.disc_params, images, step)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-
-        # Codebook usage: per-batch stats and a running EMA of every code's share.
-        counts = jnp.bincount(aux["tokens"].reshape(-1), length=K).astype(jnp.float32)
-        code_usage = tcfg.usage_decay * state.code_usage + (1 - tcfg.usage_decay) * counts / counts.sum()
-        metrics.update(vqgan.codebook_stats(aux["tokens"], K))
-        if tcfg.restart_dead_codes:
-            params, code_usage, n_restarted = restart_dead_codes(params, code_usage, aux["latents"], step, rng)
-            metrics["codes_restarted"] = n_restarted
-        metrics["codes_alive"] = jnp.mean(code_usage >= tcfg.dead_code_fraction / K)
-        metrics["psnr"] = losses.psnr(recon, images)
-
-        disc_params, disc_opt_state, lecam_ema = state.disc_params, state.disc_opt_state, state.lecam_ema
-        if adversarial:
-            fake = jax.lax.stop_gradient(recon)
-            (_, dm), dgrads = jax.value_and_grad(disc_loss, has_aux=True)(disc_params, images, fake, lecam_ema)
-            dupdates, new_dopt = dtx.update(dgrads, disc_opt_state, disc_params)
-            on = step >= tcfg.disc_start
-            keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(on, a, b), new, old)  # noqa: E731
-            disc_params = keep(optax.apply_updates(disc_params, dupdates), disc_params)
-            disc_opt_state = keep(new_dopt, disc_opt_state)
-            lecam_ema = jnp.where(
-                on, tcfg.lecam_decay * lecam_ema + (1 - tcfg.lecam_decay) * jnp.stack([dm["d_real"], dm["d_fake"]]),
-                lecam_ema,
-            )
-            metrics.update(dm)
-
-        state = state.replace(
-            step=step + 1, params=params, opt_state=opt_state, disc_params=disc_params,
-            disc_opt_state=disc_opt_state, code_usage=code_usage, lecam_ema=lecam_ema,
-        )
-        return state, metrics
-
-    return train_step
-
 
 # ---------------------------------------------------------------------------------------
 # Evaluation: PSNR of uint8 reconstructions, codebook usage, palette fidelity
@@ -224,7 +67,7 @@ def evaluate(tokenizer: vqgan.ImageTokenizer, loader, max_batches: int | None = 
         rec, tokens = jax.device_get((tokenizer.decode(tokens), tokens))
         mse = ((rec.astype(np.float64) - images) ** 2).mean((1, 2, 3))
         psnrs.extend(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)))
-        lo = editing.downsample_area(images, 2)
+        lo = image_ops.downsample_area(images, 2)
         rec_lo = np.asarray(jax.device_get(tokenizer.decode(tokenizer.encode(lo))))
         mse = ((rec_lo.astype(np.float64) - lo) ** 2).mean((1, 2, 3))
         psnrs_lo.extend(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)))
@@ -248,49 +91,14 @@ def evaluate(tokenizer: vqgan.ImageTokenizer, loader, max_batches: int | None = 
 
 
 # ---------------------------------------------------------------------------------------
-# Loading a trained tokenizer (used by vqgan.ImageTokenizer.from_dir)
-# ---------------------------------------------------------------------------------------
-
-
-def _tcfg_from_meta(meta):
-    import ml_collections
-
-    return ml_collections.ConfigDict(meta["train_tokenizer"])
-
-
-def restore_params(directory, vcfg: vqgan.VQGANConfig, meta: dict, step: int | None = None):
-    """The VQGAN params of the checkpoint in `directory`/checkpoints (latest or `step`)."""
-    directory = paths.as_path(directory)
-    try:
-        tcfg, image_size = _tcfg_from_meta(meta), int(meta["image_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"tokenizer config {directory / vqgan.CONFIG_FILE} is incomplete: {e}") from None
-    _, _, _, _, create_state = build(vcfg, tcfg, image_size)
-    abstract = nn.unbox(jax.eval_shape(create_state, jax.random.key(0)))
-    ckpt = ckpt_lib.Checkpointer(directory / "checkpoints", async_save=False)
-    try:
-        state, _ = ckpt.restore(abstract, step=step)
-    except ckpt_lib.CheckpointError as e:
-        raise ValueError(f"cannot load the tokenizer in {directory}: {e}") from None
-    finally:
-        ckpt.close()
-    return state.params
-
-
-# ---------------------------------------------------------------------------------------
 # The training loop
 # ---------------------------------------------------------------------------------------
 
 
-def _image_batches(loader):
-    for batch in loader:
-        yield {"image": batch["image"]}
-
-
 def train(config, workdir, *, num_steps: int | None = None, quiet: bool = False) -> dict[str, float]:
     """Trains (or resumes) the tokenizer in W/tokenizer; returns the final test evaluation."""
-    workdir = paths.as_path(workdir)
-    tok_dir = workdir / vqgan.TOKENIZER_SUBDIR
+    workdir = workdir_lib.path(workdir)
+    tok_dir = workdir_lib.tokenizer_dir(workdir)
     tok_dir.mkdir(parents=True, exist_ok=True)
     tcfg = config.train_tokenizer
     vcfg = vqgan.VQGANConfig.from_dict(config.vqgan)
@@ -303,7 +111,7 @@ def train(config, workdir, *, num_steps: int | None = None, quiet: bool = False)
     if image_size % vcfg.factor:
         raise ValueError(f"train_tokenizer.image_size={image_size} is not divisible by the factor {vcfg.factor}")
     meta = {"vqgan": vcfg.to_dict(), "train_tokenizer": tcfg.to_dict(), "image_size": image_size}
-    cfg_path = tok_dir / vqgan.CONFIG_FILE
+    cfg_path = tok_dir / workdir_lib.CONFIG_FILE
     if cfg_path.is_file() and json.loads(cfg_path.read_text()).get("vqgan") != meta["vqgan"]:
         raise ValueError(f"{cfg_path} holds a different VQGAN config; use a fresh workdir to change the model")
     cfg_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -317,13 +125,13 @@ def train(config, workdir, *, num_steps: int | None = None, quiet: bool = False)
     mesh = partitioning.make_mesh(config.mesh)
     rules = partitioning.logical_rules(config)
     partitioning.check_batch_divides(tcfg.batch_size, mesh, rules)
-    local_batch = pipeline.per_process_batch_size(tcfg.batch_size)
-    train_source = pipeline.make_source(config.data, "train", paths.local_dir(workdir, "data"))
-    loader = pipeline.make_loader(train_source, batch_size=local_batch, seed=config.data.shuffle_seed)
+    local_batch = loader_lib.per_process_batch_size(tcfg.batch_size)
+    train_source = sources.make_source(config.data, "train", workdir_lib.data_dir(workdir))
+    loader = loader_lib.make_loader(train_source, batch_size=local_batch, seed=config.data.shuffle_seed)
     it = iter(loader)
 
     # State, sharded by the logical-axis rules.
-    model, disc, tx, dtx, create_state = build(vcfg, tcfg, image_size)
+    model, disc, tx, dtx, create_state = tokenizer_lib.build(vcfg, tcfg, image_size)
     rng = jax.random.key(config.seed)
     init_rng, rng = jax.random.split(rng)
     abstract = jax.eval_shape(create_state, init_rng)
@@ -337,7 +145,7 @@ def train(config, workdir, *, num_steps: int | None = None, quiet: bool = False)
         else:
             state = jax.jit(lambda r: nn.unbox(create_state(r)), out_shardings=shardings)(init_rng)
 
-        train_step = make_train_step(model, disc, tx, dtx, vcfg, tcfg, perceptual)
+        train_step = tokenizer_lib.make_train_step(model, disc, tx, dtx, vcfg, tcfg, perceptual)
         image_sharding = partitioning.batch_sharding(mesh, rules, 4)
         p_step = jax.jit(
             train_step,
@@ -356,7 +164,7 @@ def train(config, workdir, *, num_steps: int | None = None, quiet: bool = False)
                 images = next(it)["image"]
                 if lowres_every and step % lowres_every == lowres_every - 1:
                     # The base stage tokenizes images at half the size (2x2 area means): train on those too.
-                    images = editing.downsample_area(images, 2)
+                    images = image_ops.downsample_area(images, 2)
                 batch = partitioning.shard_batch({"image": images}, mesh, rules)
                 state, metrics = p_step(state, batch["image"], jax.random.fold_in(rng, step))
                 done = step + 1
@@ -377,8 +185,8 @@ def train(config, workdir, *, num_steps: int | None = None, quiet: bool = False)
         train_time = time.time() - t0
 
         # Final evaluation on the test split.
-        test_source = pipeline.make_source(config.data, "test", paths.local_dir(workdir, "data"))
-        eval_loader = pipeline.make_loader(
+        test_source = sources.make_source(config.data, "test", workdir_lib.data_dir(workdir))
+        eval_loader = loader_lib.make_loader(
             test_source, batch_size=tcfg.eval_batch_size, shuffle=False, num_epochs=1, drop_remainder=False
         )
         tokenizer = vqgan.ImageTokenizer(vcfg, jax.device_get(state.params))
@@ -390,23 +198,3 @@ def train(config, workdir, *, num_steps: int | None = None, quiet: bool = False)
     if jax.process_index() == 0:
         (tok_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def reconstruct_folder(workdir, in_dir, out_dir) -> dict[str, float]:
-    """Encodes and decodes every PNG in `in_dir` with W's tokenizer; writes same-named PNGs."""
-    import PIL.Image
-
-    in_dir, out_dir = pathlib.Path(in_dir), pathlib.Path(out_dir)
-    files = sorted(in_dir.glob("*.png"))
-    if not files:
-        raise FileNotFoundError(f"no .png files in {in_dir}")
-    tok = vqgan.ImageTokenizer.from_workdir(workdir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    psnrs = {}
-    for f in files:
-        img = np.asarray(PIL.Image.open(f).convert("RGB"))
-        rec = np.asarray(tok.reconstruct(img[None]))[0]
-        PIL.Image.fromarray(rec).save(out_dir / f.name)
-        mse = ((rec.astype(np.float64) - img) ** 2).mean()
-        psnrs[f.name] = float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
-    return psnrs

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
 
-from muse_jax import paths
+from muse_jax import image_ops, paths
 
 log = logging.getLogger(__name__)
 TENSORBOARDX_SCHEMES = ("gs://", "s3://")  # remote logdirs tensorboardX writes itself
@@ -68,7 +69,7 @@ class MetricWriter:
         for k, img in images.items():
             img = np.asarray(img)
             if img.ndim == 4:
-                img = image_grid(img)
+                img = image_ops.image_grid(img, cols=int(np.ceil(np.sqrt(len(img)))), pad=0)
             if img.dtype != np.uint8:
                 raise ValueError(f"image {k!r}: expected uint8, got {img.dtype}")
             self._tb.add_image(k, img, int(step), dataformats="HWC")
@@ -129,17 +130,6 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             out[f"{prefix}{k}"] = v
     return out
 
-
-def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
-    """[N,H,W,C] -> one [rows*H, cols*W, C] image (padded with black)."""
-    n, h, w, c = images.shape
-    cols = cols or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.zeros((rows * h, cols * w, c), images.dtype)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = img
-    return grid
 
 
 def _print(msg: str) -> None:

@@ -1,6 +1,6 @@
 """The Muse cascade: prompts -> base tokens -> super-resolution tokens -> VQGAN decode, and editing.
 
-    pipe = Pipeline.from_workdir(W)                      # tokenizer + trained stages of W
+    pipe = Pipeline.from_workdir(W)                      # tokenizer + trained stages of W (muse_jax.workdir)
     images = pipe.generate(["a red circle"], num_per_prompt=4, seed=0)   # uint8 [4, 64, 64, 3]
     out = pipe.inpaint(images, masks, ["a blue square"] * 4)            # pixels outside masks kept
     out = pipe.edit(images, ["a green triangle"] * 4)                   # mask-free editing
@@ -15,20 +15,19 @@ uses `fold_in(key(seed), c)`: the same seed and batch size give the same images.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from muse_jax import editing, precision, sampling
-
-STAGES = ("base", "superres")
+from muse_jax import editing, image_ops, precision, sampling
+from muse_jax import workdir as workdir_lib
+from muse_jax.training import partitioning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +66,7 @@ class SampleOptions:
         editing.num_resampled(1, self.edit_fraction)
 
     @classmethod
-    def from_config(cls, cfg, **overrides) -> "SampleOptions":
+    def from_config(cls, cfg, **overrides) -> SampleOptions:
         """From a `config.sample` section (missing keys keep their defaults), then overrides."""
         names = {f.name for f in dataclasses.fields(cls)}
         d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
@@ -105,7 +104,7 @@ class Stage:
         return self.grid_size**2
 
     @classmethod
-    def from_model(cls, name, model, params, text_tokenizer, text_encode: Callable | None = None) -> "Stage":
+    def from_model(cls, name, model, params, text_tokenizer, text_encode: Callable | None = None) -> Stage:
         """From a `muse_jax.models.transformer` stage: a jointly trained T5 inside the model, or a
         frozen `text_encode(prompts) -> (emb, mask)` (e.g. `muse_jax.text.make_encode_fn`)."""
         cfg = model.config
@@ -135,6 +134,17 @@ class Stage:
 
         return cls(name, params, cfg.grid_size, model.mask_token_id, prepare_text, embed, apply,
                    cfg.lowres_grid_size)
+
+    @classmethod
+    def from_workdir(cls, workdir, name: str, sharding=None) -> Stage:
+        """A trained stage ("base" or "superres") of W: its parameters (EMA where kept) and text tokenizer."""
+        model, params, config = workdir_lib.load_stage_params(workdir, name, sharding=sharding)
+        if model.text_encoder_config is None:
+            raise FileNotFoundError(
+                f"stage {name} of {workdir} was trained on precomputed (frozen) text embeddings; loading a frozen "
+                "text encoder for sampling is not supported yet"
+            )
+        return cls.from_model(name, model, params, workdir_lib.text_tokenizer(workdir, config.text))
 
 
 def _stage_program(stage: Stage, options: sampling.DecodeOptions | None, guided: bool, guidance_schedule: str,
@@ -195,38 +205,26 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
-    def from_workdir(cls, workdir, mesh=None, **overrides) -> "Pipeline":
+    def from_workdir(cls, workdir, mesh=None, **overrides) -> Pipeline:
         """Loads W's image tokenizer and trained stages; `overrides` replace `config.sample` keys."""
-        from muse_jax import paths
-
-        workdir = paths.as_path(workdir)  # local or a bucket URI (gs://...)
+        workdir = workdir_lib.path(workdir)  # local or a bucket URI (gs://...)
         if not workdir.is_dir():
             raise FileNotFoundError(f"workdir {workdir} does not exist")
-        config = load_workdir_config(workdir)
+        config = workdir_lib.load_config(workdir)
         options = SampleOptions.from_config(config.get("sample"), **overrides)
-        from muse_jax.models import vqgan
-
         if mesh is None and len(jax.devices()) > 1 and "mesh" in config:
-            from muse_jax.training import partitioning
-
             mesh = partitioning.make_mesh(config.mesh)
-        tokenizer = vqgan.ImageTokenizer.from_workdir(workdir, mesh=mesh)
-        base = load_stage(workdir, "base", config)
+        tokenizer = workdir_lib.load_image_tokenizer(workdir, mesh=mesh)
+        rules, sharding = None, None
+        if mesh is not None:  # parameters replicated over the mesh; the batch is sharded
+            rules = partitioning.logical_rules(config)
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        base = Stage.from_workdir(workdir, "base", sharding)
         try:
-            superres = load_stage(workdir, "superres", config)
+            superres = Stage.from_workdir(workdir, "superres", sharding)
         except FileNotFoundError as e:
             warnings.warn(f"{e}; sampling at the base resolution only", UserWarning, stacklevel=2)
             superres = None
-        rules = None
-        if mesh is not None:
-            from jax.sharding import NamedSharding, PartitionSpec as P
-
-            from muse_jax.training import partitioning
-
-            rules = partitioning.logical_rules(config)
-            for stage in (base, superres):  # parameters replicated over the mesh; the batch is sharded
-                if stage is not None:
-                    stage.params = jax.device_put(stage.params, NamedSharding(mesh, P()))
         return cls(tokenizer, base, superres, options, mesh=mesh, rules=rules)
 
     # ----------------------------------------------------------------------------- helpers
@@ -246,15 +244,11 @@ class Pipeline:
         """Host array [B, ...] -> device array sharded over the mesh's batch axes (if any)."""
         if self.mesh is None:
             return jnp.asarray(x)
-        from muse_jax.training import partitioning
-
         return jax.device_put(np.asarray(x), partitioning.batch_sharding(self.mesh, self.rules, np.ndim(x)))
 
     def _chunk_size(self, opts: SampleOptions) -> int:
         b = opts.batch_size
         if self.mesh is not None:
-            from muse_jax.training import partitioning
-
             axes = partitioning.batch_sharding(self.mesh, self.rules).spec[0]
             axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
             n = int(np.prod([self.mesh.shape[a] for a in axes]))
@@ -305,7 +299,7 @@ class Pipeline:
 
     def _encode(self, images: np.ndarray, size: int) -> np.ndarray:
         if images.shape[1] != size:
-            images = editing.downsample_area(images, images.shape[1] // size)
+            images = image_ops.downsample_area(images, images.shape[1] // size)
         return np.asarray(self.tokenizer.encode(images)).reshape(images.shape[0], -1)
 
     # ----------------------------------------------------------------------------- public API
@@ -367,18 +361,18 @@ class Pipeline:
         key = jax.random.key(seed)
         scale = self.image_size // self.base_image_size
         low_tokens = self._encode(images, self.base_image_size)
-        low_mask = editing.token_mask_from_pixels(masks, f * scale).reshape(images.shape[0], -1)
+        low_mask = image_ops.token_mask_from_pixels(masks, f * scale).reshape(images.shape[0], -1)
         start = np.where(low_mask, self.base.mask_token_id, low_tokens).astype(np.int32)
         base = self._run_stage(self.base, start, prompts, None, jax.random.fold_in(key, 0), opts)
         if self.superres is None:
             out = self._decode_images(base, self.base.grid_size)
         else:
             hi_tokens = self._encode(images, self.image_size)
-            hi_mask = editing.token_mask_from_pixels(masks, f).reshape(images.shape[0], -1)
+            hi_mask = image_ops.token_mask_from_pixels(masks, f).reshape(images.shape[0], -1)
             start = np.where(hi_mask, self.superres.mask_token_id, hi_tokens).astype(np.int32)
             sr = self._run_stage(self.superres, start, prompts, base, jax.random.fold_in(key, 1), opts)
             out = self._decode_images(sr, self.superres.grid_size)
-        return editing.composite(images, out, masks)
+        return image_ops.composite(images, out, masks)
 
     def edit(self, images, prompts: Sequence[str], *, seed: int = 0, **overrides) -> np.ndarray:
         """Mask-free editing (Muse 3.3.2) at both scales: uint8 [B, S, S, 3] -> uint8 [B, S, S, 3]."""
@@ -402,39 +396,6 @@ class Pipeline:
         if len(prompts) != n:
             raise ValueError(f"{len(prompts)} prompts for {n} images")
         return prompts
-
-
-def load_workdir_config(workdir) -> ml_collections.ConfigDict:
-    """W/config.json if present (written by training), else the embedded shapes default."""
-    from muse_jax import paths
-
-    path = paths.as_path(workdir) / "config.json"
-    if path.is_file():
-        try:
-            return ml_collections.ConfigDict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"workdir config {path} is not valid JSON: {e}") from None
-    from muse_jax import config as config_lib
-
-    return config_lib.load_config("shapes")
-
-
-def load_stage(workdir, name: str, config=None) -> Stage:
-    """A trained stage ("base" or "superres") of workdir W as a `Stage` (W/<name>, latest checkpoint)."""
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
-    from muse_jax import text
-    from muse_jax.training import loop
-
-    model, params, stage_config = loop.load_stage(workdir, name)
-    cfg = stage_config if stage_config is not None else (config or load_workdir_config(workdir))
-    text_tokenizer = text.workdir_tokenizer(workdir, cfg.text)
-    if model.text_encoder_config is None:
-        raise FileNotFoundError(
-            f"stage {name} of {workdir} was trained on precomputed (frozen) text embeddings; loading a frozen "
-            "text encoder for sampling is not supported yet"
-        )
-    return Stage.from_model(name, model, params, text_tokenizer)
 
 
 # --------------------------------------------------------------------------------- files (CLI)
@@ -501,14 +462,12 @@ def sample_to_files(pipe: Pipeline, prompts: Sequence[str], *, num: int, seed: i
                     out_dir: str | None = None, **overrides) -> list[pathlib.Path]:
     """Samples `num` images per prompt; writes a grid (`out`, one row per prompt) and/or one PNG
     per prompt and sample (`out_dir/{prompt_index:04d}_{sample:02d}.png`)."""
-    from muse_jax.data import export
-
     if out is None and out_dir is None:
         raise ValueError("give --out (a grid PNG) or --out-dir (one PNG per sample)")
     images = pipe.generate(prompts, num_per_prompt=num, seed=seed, **overrides)
     written = []
     if out is not None:
-        written.append(save_png(export.image_grid(images, cols=num), out))
+        written.append(save_png(image_ops.image_grid(images, cols=num), out))
     if out_dir is not None:
         for i in range(len(prompts)):
             for j in range(num):

@@ -1,7 +1,7 @@
 """The embedded default: the whole Muse pipeline on the procedural shapes dataset (CPU).
 
-Usage: `muse-jax <command> --config configs/shapes.py --config.data.batch_size=64`.
-Each stage of the pipeline has its own section; later stages add theirs.
+Usage: `muse-jax <command> --config shapes --config.data.batch_size=64`.
+Each stage of the pipeline has its own section.
 """
 import ml_collections
 
@@ -9,12 +9,13 @@ import ml_collections
 def get_config(arg=None):
     del arg
     config = ml_collections.ConfigDict()
+    config.name = "shapes"
     config.seed = 0
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "shapes"
     config.data.seed = 0  # dataset seed: examples are a function of (seed, split, index)
-    config.data.num_train = 10_000  # the quickstart's models see ~1-2 epochs of it
+    config.data.num_train = 10_000
     config.data.num_test = 1_000
     # "tfds": build once with tfds (array_record) and read with grain;
     # "procedural": render on the fly (same examples for the same indices).
@@ -27,21 +28,10 @@ def get_config(arg=None):
     config.mesh.data = -1
     config.mesh.fsdp = 1
     config.mesh.tensor = 1
-    # Logical-axis rules (muse_jax/training/partitioning.py): logical name -> mesh axis (or
-    # a tuple of axes, or None = replicated). DP/FSDP/TP are changes of config.mesh only.
+    # Logical-axis rules: None = muse_jax/training/partitioning.py's DEFAULT_RULES; or a tuple of
+    # (logical name, mesh axis | tuple of axes | None). DP/FSDP/TP are changes of config.mesh only.
     config.partitioning = ml_collections.ConfigDict()
-    config.partitioning.rules = (
-        ("batch", ("data", "fsdp")),
-        ("length", None),
-        ("kv_length", None),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv", None),
-        ("vocab", "tensor"),
-        ("conv_in", None),
-        ("conv_out", "tensor"),
-    )
+    config.partitioning.rules = None
 
     # Multi-process start-up (muse_jax/distributed.py; launch/*). cluster: "auto" (explicit values
     # or MUSE_* env, else SLURM with >1 task, else a Cloud TPU pod, else one process), "explicit",
@@ -75,9 +65,9 @@ def get_config(arg=None):
     config.vqgan.quant_conv = False
     config.vqgan.dtype = "float32"
 
-    # Tokenizer training (muse_jax/training/train_tokenizer.py).
+    # Tokenizer training (muse_jax/training/train_tokenizer.py, tokenizer_step.py).
     t = config.train_tokenizer = ml_collections.ConfigDict()
-    t.num_steps = 1550  # ~4.7 min on an idle 2-core CPU (with lowres_every=3): 30.15 dB test PSNR
+    t.num_steps = 1550
     t.batch_size = 8
     t.image_size = 64
     # Every lowres_every-th batch is area-downsampled to 32 px, the base stage's resolution: one
@@ -113,10 +103,10 @@ def get_config(arg=None):
     t.eval_batch_size = 100
     t.eval_max_batches = 0  # 0: the whole test split
 
-    # Text conditioning (muse_jax/text.py, muse_jax/models/t5.py): no pretrained T5 can be
+    # Text conditioning (muse_jax/data/text.py, muse_jax/models/t5.py): no pretrained T5 can be
     # downloaded here, so a small T5 v1.1-style encoder is trained from scratch with a
     # sentencepiece vocabulary trained on the captions (stored as W/text/spm.model).
-    # For a pretrained frozen T5, use configs/t5.py's section instead.
+    # For a pretrained frozen T5, use muse_jax/configs/t5.py's section instead.
     config.text = ml_collections.ConfigDict()
     config.text.vocab_size = 256  # sentencepiece (soft limit; 256 pieces on shapes captions)
     config.text.spm_model_type = "bpe"  # unigram keeps ~62 pieces here and splits words into letters
@@ -142,15 +132,14 @@ def get_config(arg=None):
         dtype="float32", remat=False, lowres_grid_size=0, num_lowres_layers=0))
     # Super-res: 8x8 base tokens -> 16x16 tokens of the 64x64 image. lowres_add: the encoded base
     # tokens are also added under the 2x2 high-res tokens each covers (Muse: cross-attention only).
-    # 400 steps, one-object test captions, shape right given the true base tokens: 45 % vs 17 % without.
     config.superres = ml_collections.ConfigDict(dict(
         codebook_size=512, grid_size=16, num_layers=4, width=128, mlp_dim=512, num_heads=4,
         text_dim=128, dropout_rate=0.0, attention_dropout_rate=0.0, layer_norm_epsilon=1e-6,
         dtype="float32", remat=False, lowres_grid_size=8, num_lowres_layers=2, lowres_add=True))
 
-    # Transformer training (muse_jax/training/{step,loop}.py), shared by both stages.
+    # Transformer training (muse_jax/training/{optimizer,step,loop}.py), shared by both stages.
     t = config.train = ml_collections.ConfigDict()
-    t.num_steps = 2000  # base: 3.3-4 min on an idle 2-core CPU (0.10-0.12 s/step); more steps, better samples
+    t.num_steps = 2000
     t.batch_size = 16  # global; must divide over the mesh's data*fsdp axes
     t.optimizer = "adamw"  # or "adafactor"
     t.lr = 2e-3  # the paper's 1e-4 is for its 632M/3B models; tiny models take a larger step
@@ -169,25 +158,21 @@ def get_config(arg=None):
     t.sample_every = 1000
     t.num_samples = 8
     # "default": the backend's fast matmul, float32 accumulation (TPU: bfloat16 multiplies; an AMX CPU:
-    # oneDNN bfloat16 multiplies, ~1.4-2x faster steps here); "highest": float32 (muse_jax/precision.py).
+    # oneDNN bfloat16 multiplies); "highest": float32 multiplies (muse_jax/precision.py).
     t.matmul_precision = "default"
     t.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device kind (none for CPU)
     t.compilation_cache_dir = "{workdir}/cache/jax"  # persistent XLA cache ("" = off)
-    # Per-stage overrides of config.train, sized for the ~15 min quickstart on a 2-core CPU (small
-    # batches, more updates): super-res steps see 256 tokens per image (4x base), 0.19-0.26 s each.
+    # Per-stage overrides of config.train (super-res steps see 256 tokens per image, 4x the base's).
     config.train_base = ml_collections.ConfigDict()
     # The super-res stage starts from the trained base's weights (init_from; a departure from Muse,
-    # which trains each stage from scratch). 1200 super-res steps after a 2500-step base, 64 one-object
-    # test captions fully correct through the whole cascade: 36 % from scratch, 73 % warm-started.
+    # which trains each stage from scratch).
     config.train_superres = ml_collections.ConfigDict(dict(batch_size=8, num_steps=900, init_from="base"))
 
-    # Sampling and editing (muse_jax/sampling.py, editing.py, pipeline.py; `muse-jax sample|edit`).
+    # Sampling and editing (muse_jax/sampling.py, editing.py, cascade.py; `muse-jax sample|edit`).
     # Muse uses 24 base / 8 super-res steps for 256 / 4096 tokens; 8x8 base tokens need fewer.
     s = config.sample = ml_collections.ConfigDict()
     s.steps = 12  # base decoding steps
     s.sr_steps = 8  # super-resolution decoding steps
-    # Quickstart-sized models (measured on 48 eval prompts, see README): guidance 1 and sampling
-    # temperature 0.5 gave 12.5 % fully correct vs 4.2 % at guidance 3 / temperature 1.
     s.guidance = 1.0  # classifier-free guidance g: logits = (1 + g) cond - g uncond
     s.guidance_schedule = "constant"  # or "linear": g ramps up from 0 over the steps (Muse 2.7)
     s.choice_temperature = 4.5  # Gumbel noise on confidences, annealed to 0 (MaskGIT)

@@ -6,8 +6,9 @@ Conventions (the same for every prompt, the empty one included):
     followed by padding: ids [eos, pad, ...], mask [True, False, ...].
   * Prompts longer than `max_length` are cut to `max_length - 1` pieces plus EOS, with a
     `UserWarning` naming how many were cut.
-The shapes default trains its own vocabulary (`train_sentencepiece`) and stores it in the
-workdir as W/text/spm.model; any sentencepiece `.model` (e.g. T5's 32k vocabulary) loads too.
+The shapes default trains its own vocabulary (`train_sentencepiece`), stored in the workdir as
+W/text/spm.model (`muse_jax.workdir.text_tokenizer`); any sentencepiece `.model` (e.g. T5's 32k
+vocabulary) loads too.
 """
 from __future__ import annotations
 
@@ -16,12 +17,10 @@ import os
 import pathlib
 import uuid
 import warnings
-from typing import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
-
-SPM_RELATIVE_PATH = "text/spm.model"  # inside a workdir
 
 
 def _as_text(prompt) -> str:
@@ -135,23 +134,6 @@ def train_sentencepiece(
     tmp.replace(path)
     return path
 
-
-def workdir_tokenizer(
-    workdir: str | os.PathLike, text_config, captions: Callable[[], Iterable[str | bytes]] | None = None
-) -> TextTokenizer:
-    """The workdir's tokenizer: `text_config.spm_model` if set, else W/text/spm.model, trained
-    from `captions()` (a callable, only called when training is needed) if absent."""
-    spm_model = text_config.get("spm_model", "") if hasattr(text_config, "get") else ""
-    from muse_jax import paths
-
-    path = paths.as_path(spm_model) if spm_model else paths.as_path(workdir) / SPM_RELATIVE_PATH
-    if not path.is_file():
-        if spm_model:
-            raise FileNotFoundError(f"config.text.spm_model={spm_model} does not exist")
-        if captions is None:
-            raise FileNotFoundError(f"{path} does not exist and no captions were given to train it")
-        train_sentencepiece(captions(), path, text_config.vocab_size, text_config.get("spm_model_type", "bpe"))
-    return TextTokenizer(path, text_config.max_length)
 
 
 def make_encode_fn(tokenizer: TextTokenizer, model, params, batch_size: int | None = None):

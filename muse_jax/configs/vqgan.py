@@ -1,26 +1,19 @@
 """Paper-size VQGAN tokenizers (Muse: f16 at 256 px, f8 at 512 px; 8192 codes).
 
-`--config configs/vqgan_f16_8192.py` (default "f16") or `...py:f8`. Everything but the
-`vqgan` and `train_tokenizer` sections comes from configs/shapes.py. The f16 variant has the
+`--config vqgan:f16` (also named `vqgan_f16_8192`) or `--config vqgan:f8`. Everything but the
+`vqgan` and `train_tokenizer` sections comes from the shapes config. The f16 variant has the
 aMUSEd / open-muse VQGAN layout (diffusers VQModel: widths 128-256-256-512-768, 2 blocks per
 resolution, 64-d codes, quant_conv, no attention), so `vqgan.load_diffusers_dir` weights fit.
 """
-import importlib.util
-import pathlib
-
-
-def _shapes_config():
-    spec = importlib.util.spec_from_file_location("_shapes_config", pathlib.Path(__file__).with_name("shapes.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from muse_jax.configs import shapes
 
 
 def get_config(arg=None):
     variant = arg or "f16"
     if variant not in ("f16", "f8"):
         raise ValueError(f"unknown variant {variant!r}: expected 'f16' or 'f8'")
-    config = _shapes_config()
+    config = shapes.get_config()
+    config.name = f"vqgan_{variant}_8192"
     v = config.vqgan
     v.channels = (128, 256, 256, 512, 768) if variant == "f16" else (128, 256, 512, 768)
     v.num_res_blocks = 2

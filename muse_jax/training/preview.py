@@ -1,0 +1,57 @@
+"""Sample previews while a stage trains: the preview prompts decoded, above their tokenized references."""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from muse_jax import image_ops, sampling
+
+log = logging.getLogger(__name__)
+
+
+def preview_samples(model, params, data, rng, num_steps: int = 12) -> np.ndarray | None:
+    """Decodes the preview prompts with the sampler (12 steps, no guidance): uint8 images."""
+    if data.preview is None or data.tokenizer is None:
+        return None
+    p = {k: jnp.asarray(v) for k, v in data.preview.items()}
+    b = p["tokens"].shape[0]
+    if model.text_encoder_config is not None:
+        emb = model.apply({"params": params}, p["text_ids"], p["text_mask"], method=model.encode_text)
+    else:
+        emb = p["text_emb"]
+    extra = (p["lowres_tokens"],) if model.config.is_superres else ()
+
+    def logits_fn(tokens, step):
+        del step
+        return model.apply({"params": params}, tokens, emb, p["text_mask"], *extra)
+
+    start = jnp.full((b, model.config.num_tokens), model.mask_token_id, jnp.int32)
+    out = sampling.decode(logits_fn, start, rng, mask_token_id=model.mask_token_id,
+                          options=sampling.DecodeOptions(num_steps=num_steps))
+    g = model.config.grid_size
+    images = np.asarray(data.tokenizer.decode(np.asarray(out).reshape(b, g, g)))
+    real = np.asarray(data.tokenizer.decode(np.asarray(p["tokens"]).reshape(b, g, g)))
+    return np.concatenate([images, real], axis=0)  # top rows: samples; bottom: tokenized references
+
+
+def write_preview(model, state, data, rng, writer, out_dir, step) -> None:
+    """Preview samples to TensorBoard and `out_dir/samples/step_N.png`; never stops training."""
+    params = state.ema_params if state.ema_params is not None else state.params
+    try:
+        images = preview_samples(model, jax.device_get(params), data, rng)
+    except Exception as e:  # a preview must never stop training
+        log.warning("sample preview failed at step %d: %s", step, e)
+        return
+    if images is None:
+        return
+    grid = image_ops.image_grid(images, cols=len(images) // 2)
+    writer.write_images(step, {"samples": grid})
+    if jax.process_index() == 0:
+        from PIL import Image
+
+        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        with (out_dir / "samples" / f"step_{step}.png").open("wb") as f:
+            Image.fromarray(grid).save(f, format="PNG")

@@ -1,0 +1,98 @@
+"""A stage's train state on the mesh: the sharded initial state, and the warm start from another stage.
+
+    create, abstract, shardings = state_setup(config, model, mesh, rules)
+    state = jax.jit(lambda r: nn.unbox(create(r)), out_shardings=shardings)(rng)
+    state = warm_start(state, shardings, workdir, "superres", "base")   # config.train.init_from
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from muse_jax import config as config_lib
+from muse_jax import workdir as workdir_lib
+from muse_jax.models import transformer as transformer_lib
+from muse_jax.training import optimizer as optimizer_lib
+from muse_jax.training import partitioning
+from muse_jax.training import step as step_lib
+
+
+def abstract_inputs(model, config, batch: int = 1):
+    """Abstract model inputs of `batch` examples (text of `config.text.max_length` tokens)."""
+    return transformer_lib.dummy_inputs(model, batch, int(config.text.max_length))
+
+
+def state_setup(config, model, mesh, rules):
+    """(create_fn(rng) -> boxed TrainState, abstract boxed state, state shardings)."""
+    tx = optimizer_lib.make_optimizer(config.train)
+    inputs = abstract_inputs(model, config)
+    ema = float(config.train.ema_decay) > 0
+
+    def create(rng):
+        return step_lib.create_state(model, tx, rng, inputs, ema=ema)
+
+    abstract = jax.eval_shape(create, jax.random.key(0))
+    return create, abstract, partitioning.state_shardings(abstract, mesh, rules)
+
+
+def warm_start_params(params, source) -> tuple[Any, list[str]]:
+    """`params` with the leaves of `source` (another stage's trained params) copied in.
+
+    A leaf is copied where `source` has the same path and shape. A super-res model also takes the
+    base's position embeddings repeated over the high-res positions each covers; and for its low-res
+    token encoder, which reads base-resolution tokens of the same codebook, the base's token and
+    position embeddings and its blocks (`decoder/block_i`, whose cross-attention it lacks).
+    Returns the new params and the copied paths."""
+    src = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(source)[0]}
+    alias = {"['lowres_tokens']['embedding']": "['tokens']['embedding']",
+             "['lowres_tokens']['embedding_norm']['bias']": "['tokens']['embedding_norm']['bias']",
+             "['lowres_tokens']['embedding_norm']['scale']": "['tokens']['embedding_norm']['scale']",
+             "['lowres_tokens']['position_embedding']": "['tokens']['position_embedding']"}
+    copied = []
+
+    def source_name(name: str) -> str:
+        if name.startswith("['lowres_encoder']"):  # the base's blocks already process base-size tokens
+            return name.replace("['lowres_encoder']", "['decoder']", 1)
+        return alias.get(name, "")
+
+    def take(path, leaf):
+        name = jax.tree_util.keystr(path)
+        v = src.get(name, src.get(source_name(name), None))
+        if v is None:
+            return leaf
+        if name == "['lowres_tokens']['embedding']":
+            v = v[: leaf.shape[0]]  # the base's mask-token row is not a low-res code
+        if name.endswith("['position_embedding']") and v.ndim == 3 and leaf.shape[0] % v.shape[0] == 0 \
+                and leaf.shape[0] // v.shape[0] == leaf.shape[1] // v.shape[1]:
+            r = leaf.shape[0] // v.shape[0]
+            v = v.repeat(r, 0).repeat(r, 1)
+        if v.shape != leaf.shape:
+            return leaf
+        copied.append(name)
+        return jnp.asarray(v, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(take, params), copied
+
+
+def warm_start(state, shardings, workdir, stage: str, source_stage: str, quiet: bool = False):
+    """config.train.init_from: start `stage` from `source_stage`'s trained weights (fresh optimizer).
+
+    Every process reads the source stage's parameters whole and places its copy on the mesh."""
+    if source_stage == stage or source_stage not in config_lib.STAGES:
+        raise ValueError(f"config.train.init_from={source_stage!r}: expected another stage, one of "
+                         f"{[s for s in config_lib.STAGES if s != stage]} (or '' for a random init)")
+    _, source, _ = workdir_lib.load_stage_params(workdir, source_stage)
+    params, copied = warm_start_params(jax.device_get(state.params), jax.device_get(source))
+    if not copied:
+        raise ValueError(f"config.train.init_from={source_stage!r}: no parameter of {stage} matches {source_stage}'s")
+    if not quiet:
+        n = len(jax.tree_util.tree_leaves(params))
+        print(f"{stage}: {len(copied)} of {n} parameter arrays start from the trained {source_stage} stage")
+    # Host copies of their own: on CPU, device_put may alias a numpy buffer, and the train step
+    # donates params and EMA params (the EMA starts from the same weights).
+    own = lambda tree, sh: jax.device_put(jax.tree.map(lambda x: np.array(x, copy=True), tree), sh)  # noqa: E731
+    ema = None if state.ema_params is None else own(params, shardings.ema_params)
+    return state.replace(params=own(params, shardings.params), ema_params=ema)

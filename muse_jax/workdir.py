@@ -1,0 +1,203 @@
+"""The workdir: its layout, and the only loaders of what training put there.
+
+A workdir W holds everything a trained pipeline needs:
+
+  W/config.json                 the resolved config (sample, edit and eval read it)
+  W/data/                       the shapes dataset (tfds array_record; a local folder, see below)
+  W/tokenizer/config.json       the VQGAN's architecture, training section and image size
+  W/tokenizer/checkpoints/<n>/  Orbax checkpoints (tokenizer train state + data position)
+  W/tokenizer/tb/, eval.json    TensorBoard events; the final test evaluation
+  W/text/spm.model              the sentencepiece vocabulary (trained on the captions if absent)
+  W/cache/tokens_<split>.npz    image tokens of a split, and captions_<split>.json
+  W/cache/text/                 frozen-T5 embeddings of the captions (a local folder)
+  W/cache/jax/                  the persistent XLA compilation cache
+  W/<stage>/config.json         the config a stage ("base", "superres") was trained with
+  W/<stage>/checkpoints/<n>/    Orbax checkpoints (TrainState + data position)
+  W/<stage>/tb/, samples/       TensorBoard events; sample previews
+  W/samples/, W/eval/, W/report.md   the quickstart's sample grids, evaluation and report
+
+W may be a bucket URI (gs://...): everything is written there except the dataset and the text
+cache, local files by nature, which go to `paths.local_dir(W, ...)`.
+
+Loaders read parameters only, never optimizer state (`training.checkpoint.restore_subtree`).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec
+
+from muse_jax import config as config_lib
+from muse_jax import paths
+from muse_jax.data import text as text_lib
+from muse_jax.models import transformer as transformer_lib
+from muse_jax.models import vqgan
+from muse_jax.training import checkpoint as ckpt_lib
+
+CONFIG_FILE = "config.json"
+TOKENIZER = "tokenizer"
+SPM_MODEL = "text/spm.model"
+
+
+def path(workdir):
+    """W as a pathlib.Path (local) or an epath.Path (a URI)."""
+    return paths.as_path(workdir)
+
+
+def data_dir(workdir):
+    """Where the tfds dataset is built: W/data, or a local folder for a remote W."""
+    return paths.local_dir(workdir, "data")
+
+
+def cache_dir(workdir):
+    return path(workdir) / "cache"
+
+
+def text_cache_dir(workdir):
+    """Frozen-T5 embeddings of the captions (memory-mapped, so always local)."""
+    return paths.local_dir(workdir, "cache", "text")
+
+
+def tokenizer_dir(workdir):
+    return path(workdir) / TOKENIZER
+
+
+def stage_dir(workdir, stage: str):
+    if stage not in config_lib.STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {config_lib.STAGES}")
+    return path(workdir) / stage
+
+
+def checkpoint_dir(workdir, stage: str):
+    """W/<stage>/checkpoints, or W/tokenizer/checkpoints for stage "tokenizer"."""
+    return (tokenizer_dir(workdir) if stage == TOKENIZER else stage_dir(workdir, stage)) / "checkpoints"
+
+
+def checkpoint_steps(workdir, stage: str) -> list[int]:
+    d = checkpoint_dir(workdir, stage)
+    return sorted(int(p.name) for p in d.glob("[0-9]*") if p.name.isdigit()) if d.is_dir() else []
+
+
+def _read_json(p) -> dict:
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON: {e}") from None
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+    """W/config.json if present (written by the quickstart), else the embedded shapes default."""
+    p = path(workdir) / CONFIG_FILE
+    if p.is_file():
+        return ml_collections.ConfigDict(_read_json(p))
+    return config_lib.load_config("shapes")
+
+
+def load_stage_config(workdir, stage: str) -> ml_collections.ConfigDict:
+    """The config `stage` was trained with (W/<stage>/config.json)."""
+    p = stage_dir(workdir, stage) / CONFIG_FILE
+    if not p.is_file() or not checkpoint_dir(workdir, stage).is_dir():
+        raise FileNotFoundError(
+            f"no trained {stage} stage in {workdir}: {p} or {checkpoint_dir(workdir, stage)} is missing "
+            f"(run `muse-jax train --workdir {workdir} --stage {stage}` first)")
+    return ml_collections.ConfigDict(_read_json(p))
+
+
+# ----------------------------------------------------------------------------- image tokenizer
+
+
+def tokenizer_meta(workdir) -> dict:
+    """W/tokenizer/config.json: {"vqgan": ..., "train_tokenizer": ..., "image_size": ...}."""
+    p = tokenizer_dir(workdir) / CONFIG_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"no trained tokenizer in {tokenizer_dir(workdir)}: {p} is missing "
+                                "(run `muse-jax train-tokenizer --workdir W` first)")
+    try:
+        meta = json.loads(p.read_text())
+        vqgan.VQGANConfig.from_dict(meta["vqgan"])
+        int(meta["image_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"tokenizer config {p} is unreadable or corrupt: {e}") from None
+    return meta
+
+
+def load_image_tokenizer(workdir, step: int | None = None, mesh=None) -> vqgan.ImageTokenizer:
+    """W's trained VQGAN (latest checkpoint, or `step`) as a jitted `ImageTokenizer`."""
+    meta = tokenizer_meta(workdir)
+    config = vqgan.VQGANConfig.from_dict(meta["vqgan"])
+    abstract = jax.eval_shape(lambda: nn.unbox(vqgan.init_params(config, jax.random.key(0), int(meta["image_size"]))))
+    try:
+        tree, _ = ckpt_lib.restore_subtree(checkpoint_dir(workdir, TOKENIZER), {"params": abstract}, step=step)
+    except ckpt_lib.CheckpointError as e:
+        raise ValueError(f"cannot load the tokenizer in {tokenizer_dir(workdir)}: {e}") from None
+    return vqgan.ImageTokenizer(config, tree["params"], mesh=mesh)
+
+
+def tokenizer_identity(workdir) -> list[str]:
+    """What identifies W's trained tokenizer (its checkpoint steps): caches of its tokens keep it."""
+    return [str(s) for s in sorted(checkpoint_steps(workdir, TOKENIZER), key=str)]
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def spm_path(workdir, text_config):
+    """`config.text.spm_model` if set, else W/text/spm.model."""
+    spm_model = text_config.get("spm_model", "") if hasattr(text_config, "get") else ""
+    return paths.as_path(spm_model) if spm_model else path(workdir) / SPM_MODEL
+
+
+def text_tokenizer(workdir, text_config, captions=None) -> text_lib.TextTokenizer:
+    """The workdir's sentencepiece tokenizer; trained from `captions()` (a callable, called only then)
+    into W/text/spm.model when there is none and no `config.text.spm_model` is given."""
+    p = spm_path(workdir, text_config)
+    if not p.is_file():
+        if text_config.get("spm_model", ""):
+            raise FileNotFoundError(f"config.text.spm_model={text_config.spm_model} does not exist")
+        if captions is None:
+            raise FileNotFoundError(f"{p} does not exist (it is trained with the first stage: run `muse-jax train`)")
+        text_lib.train_sentencepiece(captions(), p, text_config.vocab_size, text_config.get("spm_model_type", "bpe"))
+    return text_lib.TextTokenizer(p, text_config.max_length)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def build_stage_model(config, stage: str):
+    """The masked transformer of `stage` described by `config` (with its joint T5 when trainable)."""
+    if stage not in config_lib.STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {config_lib.STAGES}")
+    text_cfg = config.text.encoder if config.text.trainable else None
+    return transformer_lib.build(config[stage], text_cfg)
+
+
+def load_stage_params(workdir, stage: str, *, step: int | None = None, use_ema: bool = True,
+                      sharding=None) -> tuple[Any, Any, ml_collections.ConfigDict]:
+    """(model, params, config) of a trained stage: parameters only (the EMA ones where kept and
+    `use_ema`), placed with `sharding` (default: this process's first device)."""
+    config = load_stage_config(workdir, stage)
+    model = build_stage_model(config, stage)
+    inputs = transformer_lib.dummy_inputs(model, 1, int(config.text.max_length))
+    abstract = jax.eval_shape(lambda: nn.unbox(transformer_lib.init_params(model, jax.random.key(0), inputs)))
+    if sharding is None:
+        sharding = NamedSharding(jax.sharding.Mesh(jax.local_devices()[:1], ("data",)), PartitionSpec())
+    shardings = jax.tree_util.tree_map(lambda _: sharding, abstract) if isinstance(sharding, jax.sharding.Sharding) \
+        else sharding
+    target = ckpt_lib.abstract_with_shardings(abstract, shardings)
+    ckpt = checkpoint_dir(workdir, stage)
+    steps = checkpoint_steps(workdir, stage)
+    field = "params"
+    if use_ema and steps and ckpt_lib.saved_fields(ckpt, step if step is not None else steps[-1]).get("ema_params"):
+        field = "ema_params"
+    try:
+        tree, _ = ckpt_lib.restore_subtree(ckpt, {field: target}, step=step)
+    except ckpt_lib.CheckpointError as e:
+        raise FileNotFoundError(f"cannot load the {stage} stage from {workdir}: {e}") from None
+    return model, tree[field], config
