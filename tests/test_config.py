@@ -28,10 +28,9 @@ def test_config_files_load_by_path_and_import_the_named_ones(tmp_path):
 def test_named_configs_load_after_a_plain_install_from_any_directory(tmp_path):
     """`pip install .` (not editable) into a fresh target: the configs ship inside the package."""
     import os
+    import shutil
     import subprocess
     import sys
-
-    import shutil
 
     repo = pathlib.Path(__file__).resolve().parent.parent
     src, target = tmp_path / "src", tmp_path / "site"  # a copy: the build writes build/ beside setup.py
