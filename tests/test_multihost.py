@@ -116,7 +116,7 @@ if info.process_index == 0:
 '''
 
 
-def _launch(args, tmp_path, name, *, processes=2, timeout=150, wait_all=False, stage="base"):
+def _launch(args, tmp_path, name, *, processes=2, timeout=300, wait_all=False, stage="base"):
     """Runs the worker with launch/local.sh (or directly for 1 process); kills everything on timeout."""
     worker = tmp_path / "worker.py"
     if not worker.exists():
