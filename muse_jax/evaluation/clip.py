@@ -53,9 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from muse_jax.models import t5
 from muse_jax.models.layers import dot_product_attention
 from muse_jax.models.layers import dtype as _dtype
 
@@ -490,48 +489,6 @@ def preprocess_images(images, image_size: int = 224) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Loading Hugging Face checkpoints.
 
-def _to_numpy(t) -> np.ndarray:
-    if isinstance(t, np.ndarray):
-        return t
-    if type(t).__module__.startswith("torch"):
-        import torch
-
-        t = t.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            t = t.float()
-        return t.numpy()
-    return np.asarray(t)
-
-
-def _read_checkpoint(src) -> tuple[dict[str, np.ndarray], dict | None]:
-    """State dict (numpy) and config.json (if any) from a mapping, a file or a directory."""
-    if isinstance(src, Mapping):
-        return {k: _to_numpy(v) for k, v in src.items()}, None
-    from muse_jax.models.t5 import read_safetensors
-
-    path = pathlib.Path(src)
-    if not path.exists():
-        raise FileNotFoundError(f"clip.load_hf: no such checkpoint {path}")
-    hf_config = None
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            hf_config = json.loads((path / "config.json").read_text())
-        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
-        if not files:
-            raise FileNotFoundError(f"clip.load_hf: no *.safetensors or pytorch_model*.bin in {path}")
-    else:
-        files = [path]
-    state: dict[str, np.ndarray] = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            state.update(read_safetensors(f))
-        else:
-            import torch
-
-            state.update({k: _to_numpy(v) for k, v in torch.load(f, map_location="cpu", weights_only=True).items()})
-    return state, hf_config
-
-
 # Buffers some checkpoints carry (older transformers saved them); not parameters, and skipped.
 _BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 
@@ -598,7 +555,7 @@ def load_hf(path_or_state_dict, config: Any = None, dtype: Any = jnp.float32) ->
     with the expected shape and no other weight may remain (the position_ids buffers excepted),
     else ValueError listing the differences. See `_mapping` for the name correspondence.
     """
-    state, hf_config = _read_checkpoint(path_or_state_dict)
+    state, hf_config = t5.read_checkpoint(path_or_state_dict)
     if config is None:
         if hf_config is None:
             raise ValueError("clip.load_hf: pass config (CLIPConfig, preset or HF config dict); no config.json found")

@@ -360,20 +360,20 @@ def _to_numpy(t) -> np.ndarray:
     return np.asarray(t)
 
 
-def _read_checkpoint(src) -> tuple[dict[str, np.ndarray], dict | None]:
-    """State dict (numpy) and the HF config.json (if found) from a path or a mapping."""
+def read_checkpoint(src) -> tuple[dict[str, np.ndarray], dict | None]:
+    """State dict (numpy) and the HF config.json (if found) from a path or a mapping (any HF model)."""
     if isinstance(src, Mapping):
         return {k: _to_numpy(v) for k, v in src.items()}, None
     path = pathlib.Path(src)
     if not path.exists():
-        raise FileNotFoundError(f"load_hf: no such checkpoint {path}")
+        raise FileNotFoundError(f"no such checkpoint {path}")
     hf_config = None
     if path.is_dir():
         if (path / "config.json").is_file():
             hf_config = json.loads((path / "config.json").read_text())
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
         if not files:
-            raise FileNotFoundError(f"load_hf: no *.safetensors or pytorch_model*.bin in {path}")
+            raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin in {path}")
     else:
         files = [path]
     state = {}
@@ -397,7 +397,7 @@ def load_hf(path_or_state_dict, cfg: Any = None, dtype: Any = None) -> dict:
     dtype: parameter dtype (default `cfg.param_dtype`). Use as
     `T5Encoder(cfg).apply({"params": params}, ids, mask)`.
     """
-    state, hf_config = _read_checkpoint(path_or_state_dict)
+    state, hf_config = read_checkpoint(path_or_state_dict)
     if cfg is None:
         if hf_config is None:
             raise ValueError("load_hf: pass cfg (T5Config, preset or dict); no config.json found to infer it")
