@@ -56,3 +56,63 @@ def rmtree(path) -> None:
         import shutil
 
         shutil.rmtree(path)
+
+
+def _braces(pattern: str) -> list[str]:
+    """Brace expansion as in shells and webdataset: `a{00..02}b` -> a00b a01b a02b; `{x,y}`."""
+    start = pattern.find("{")
+    if start < 0:
+        return [pattern]
+    depth = 0
+    for end in range(start, len(pattern)):
+        depth += {"{": 1, "}": -1}.get(pattern[end], 0)
+        if depth == 0:
+            break
+    else:
+        raise ValueError(f"unbalanced braces in {pattern!r}")
+    body, head, tail = pattern[start + 1:end], pattern[:start], pattern[end + 1:]
+    if ".." in body and "," not in body and "{" not in body:
+        lo, hi = body.split("..", 1)
+        if not (lo.isdigit() and hi.isdigit()):
+            raise ValueError(f"range {{{body}}} in {pattern!r}: expected {{first..last}} with numbers")
+        width = len(lo) if lo.startswith("0") else 0
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items, depth, part = [], 0, ""
+        for ch in body:  # split on top-level commas
+            if ch == "," and depth == 0:
+                items.append(part)
+                part = ""
+                continue
+            depth += {"{": 1, "}": -1}.get(ch, 0)
+            part += ch
+        items.append(part)
+    return [p for item in items for p in _braces(head + item + tail)]
+
+
+def expand(patterns) -> list[str]:
+    """The files named by one pattern or a list of them, local or remote, in order.
+
+    Each pattern is brace-expanded (`shards/{00000..00099}.tar`, `{train,extra}/*.parquet`),
+    then globbed where it holds `*`, `?` or `[`; a name without wildcards must exist. A pattern
+    that matches nothing is an error naming it (patterns separated by whitespace or "::" too).
+    """
+    if isinstance(patterns, str):
+        patterns = [p for part in patterns.split("::") for p in part.split()]
+    out = []
+    for pattern in patterns:
+        found = []
+        for name in _braces(pattern):
+            if any(c in name for c in "*?["):
+                path = as_path(name)
+                anchor = path.parent
+                while any(c in anchor.name for c in "*?["):
+                    anchor = anchor.parent
+                rel = os.fspath(path)[len(os.fspath(anchor)):].lstrip("/")
+                found += sorted(os.fspath(p) if not is_remote(name) else str(p) for p in anchor.glob(rel))
+            elif as_path(name).exists():
+                found.append(name)
+        if not found:
+            raise FileNotFoundError(f"no file matches {pattern!r}")
+        out += found
+    return out
