@@ -32,6 +32,9 @@ INSTALL_REQUIRES = [
     "array-record==0.8.6",
     "numpy==2.4.6",
     "pillow==13.0.0",
+    # Parquet image-text sources (muse_jax/data/files.py) import it directly; until now it came only
+    # through tensorflow-datasets. 26.0.1 is the version that resolves with tfds 4.9.10 here.
+    "pyarrow==26.0.1",
     # TensorBoard event files without TensorFlow (works with protobuf 7).
     "tensorboardX==2.6.5",
     "protobuf==7.36.2",
@@ -55,6 +58,7 @@ EXTRAS_REQUIRE = {
         "transformers==5.23.0",  # T5EncoderModel for the T5 parity test.
         "diffusers==0.42.1",  # VQModel for the VQGAN parity test.
         "safetensors==0.8.0",
+        "webdataset==1.0.2",  # writes test shards, so a different writer checks muse_jax/data/webdataset.py's reader
     ],
     # gs:// workdirs (launch/tpu_pod.sh): etils.epath reads/writes gs:// through fsspec's gcsfs,
     # which also brings google-cloud-storage (used by orbax and tensorboardX for gs://).

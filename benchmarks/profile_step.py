@@ -40,7 +40,7 @@ def compiled_train_step(shape: common.ModelShape, seed: int = 0, matmul: str | N
     """(call) running one training step of `train_step.py`'s program, and its compiled executable."""
     step, state, batch, rng = train_bench.build_step(shape, seed, matmul_precision=common.jax_matmul_precision(matmul))
     with partitioning.axis_rules(step.mesh, step.rules):
-        compiled = step.jitted.lower(state, batch, rng).compile()
+        compiled = step.jitted.lower(state, batch, rng, None).compile()
     holder = {"state": state}
 
     def call():

@@ -130,7 +130,7 @@ def run(shape: common.ModelShape, args: argparse.Namespace) -> dict:
     train_step, state, batch, rng = build_step(shape, args.seed, args.remat, mp)
     with partitioning.axis_rules(train_step.mesh, train_step.rules):
         t0 = time.perf_counter()
-        compiled = train_step.jitted.lower(state, batch, rng).compile()
+        compiled = train_step.jitted.lower(state, batch, rng, None).compile()
         compile_s = time.perf_counter() - t0
     params = transformer.count_params(state.params)
 

@@ -139,12 +139,20 @@ class Stage:
     def from_workdir(cls, workdir, name: str, sharding=None) -> Stage:
         """A trained stage ("base" or "superres") of W: its parameters (EMA where kept) and text tokenizer."""
         model, params, config = workdir_lib.load_stage_params(workdir, name, sharding=sharding)
-        if model.text_encoder_config is None:
+        spm = workdir_lib.text_tokenizer(workdir, config.text)
+        if model.text_encoder_config is not None:
+            return cls.from_model(name, model, params, spm)
+        if not config.text.get("checkpoint", ""):
             raise FileNotFoundError(
-                f"stage {name} of {workdir} was trained on precomputed (frozen) text embeddings; loading a frozen "
-                "text encoder for sampling is not supported yet"
-            )
-        return cls.from_model(name, model, params, workdir_lib.text_tokenizer(workdir, config.text))
+                f"stage {name} of {workdir} was trained on a frozen T5's embeddings, but its config names no "
+                "config.text.checkpoint to load that T5 from")
+        from muse_jax.data import text as text_lib
+        from muse_jax.models import t5
+
+        tcfg = t5.T5Config.coerce(config.text.encoder)
+        encoder = t5.T5Encoder(tcfg)
+        encode = text_lib.make_encode_fn(spm, encoder, t5.load_hf(config.text.checkpoint, tcfg))
+        return cls.from_model(name, model, params, spm, text_encode=encode)
 
 
 def _stage_program(stage: Stage, options: sampling.DecodeOptions | None, guided: bool, guidance_schedule: str,
@@ -181,24 +189,28 @@ def _stage_program(stage: Stage, options: sampling.DecodeOptions | None, guided:
 
 
 class Pipeline:
-    """Tokenizer + base stage (+ super-res stage): generation, inpainting and mask-free editing."""
+    """Tokenizer(s) + base stage (+ super-res stage): generation, inpainting and mask-free editing.
+
+    `tokenizer` is one ImageTokenizer for both stages, or {"base": ..., "superres": ...} (the
+    paper's f16 base and f8 super-res VQGANs): each stage's tokens are encoded and decoded by its own.
+    """
 
     def __init__(self, tokenizer, base: Stage, superres: Stage | None = None, options: SampleOptions | None = None,
                  mesh=None, rules=None):
-        self.tokenizer = tokenizer
+        self.tokenizers = dict(tokenizer) if isinstance(tokenizer, dict) else {"base": tokenizer, "superres": tokenizer}
         self.base = base
         self.superres = superres
+        self.tokenizer = self.tokenizers["superres" if superres is not None else "base"]  # the output images'
         self.options = options or SampleOptions()
         self.mesh = mesh
         self.rules = rules
-        f = tokenizer.factor
         if superres is not None and superres.lowres_grid_size != base.grid_size:
             raise ValueError(
                 f"super-res stage expects {superres.lowres_grid_size}x{superres.lowres_grid_size} low-res tokens, "
                 f"the base stage makes {base.grid_size}x{base.grid_size}"
             )
-        self.base_image_size = base.grid_size * f
-        self.image_size = (superres.grid_size if superres is not None else base.grid_size) * f
+        self.base_image_size = base.grid_size * self.tokenizers["base"].factor
+        self.image_size = superres.grid_size * self.tokenizer.factor if superres is not None else self.base_image_size
         if self.image_size % self.base_image_size:
             raise ValueError(f"image size {self.image_size} is not a multiple of the base size {self.base_image_size}")
         self._programs: dict = {}
@@ -214,7 +226,9 @@ class Pipeline:
         options = SampleOptions.from_config(config.get("sample"), **overrides)
         if mesh is None and len(jax.devices()) > 1 and "mesh" in config:
             mesh = partitioning.make_mesh(config.mesh)
-        tokenizer = workdir_lib.load_image_tokenizer(workdir, mesh=mesh)
+        if not workdir_lib.tokenizer_dir(workdir).is_dir():  # the first thing training makes
+            raise FileNotFoundError(f"no trained tokenizer in {workdir_lib.tokenizer_dir(workdir)} (run `muse-jax "
+                                    f"train-tokenizer --workdir {workdir}` first)")
         rules, sharding = None, None
         if mesh is not None:  # parameters replicated over the mesh; the batch is sharded
             rules = partitioning.logical_rules(config)
@@ -225,7 +239,13 @@ class Pipeline:
         except FileNotFoundError as e:
             warnings.warn(f"{e}; sampling at the base resolution only", UserWarning, stacklevel=2)
             superres = None
-        return cls(tokenizer, base, superres, options, mesh=mesh, rules=rules)
+        # Each stage's tokenizer, as named by the config it was trained with.
+        tokenizers = {}
+        for stage in ("base", "superres") if superres is not None else ("base",):
+            name = workdir_lib.stage_tokenizer(workdir_lib.load_stage_config(workdir, stage), stage)
+            tokenizers[stage] = workdir_lib.load_image_tokenizer(workdir, mesh=mesh, name=name)
+        tokenizers.setdefault("superres", tokenizers["base"])
+        return cls(tokenizers, base, superres, options, mesh=mesh, rules=rules)
 
     # ----------------------------------------------------------------------------- helpers
     def _options(self, overrides) -> SampleOptions:
@@ -278,7 +298,9 @@ class Pipeline:
         return np.concatenate(outs)
 
     def _decode_images(self, tokens: np.ndarray, grid: int) -> np.ndarray:
-        return np.asarray(self.tokenizer.decode(tokens.reshape(-1, grid, grid)))
+        """Tokens of the stage whose grid is `grid` -> images, with that stage's tokenizer."""
+        stage = "base" if grid == self.base.grid_size else "superres"
+        return np.asarray(self.tokenizers[stage].decode(tokens.reshape(-1, grid, grid)))
 
     def _check_images(self, images, masks=None):
         images = np.asarray(images)
@@ -300,7 +322,8 @@ class Pipeline:
     def _encode(self, images: np.ndarray, size: int) -> np.ndarray:
         if images.shape[1] != size:
             images = image_ops.downsample_area(images, images.shape[1] // size)
-        return np.asarray(self.tokenizer.encode(images)).reshape(images.shape[0], -1)
+        tokenizer = self.tokenizers["base" if size == self.base_image_size else "superres"]
+        return np.asarray(tokenizer.encode(images)).reshape(images.shape[0], -1)
 
     # ----------------------------------------------------------------------------- public API
     def generate_tokens(self, prompts: Sequence[str], *, seed: int = 0, **overrides):
@@ -357,18 +380,18 @@ class Pipeline:
         opts = self._options(overrides)
         images, masks = self._check_images(images, masks)
         prompts = self._check_prompts(prompts, images.shape[0])
-        f = self.tokenizer.factor
         key = jax.random.key(seed)
-        scale = self.image_size // self.base_image_size
         low_tokens = self._encode(images, self.base_image_size)
-        low_mask = image_ops.token_mask_from_pixels(masks, f * scale).reshape(images.shape[0], -1)
+        low_mask = image_ops.token_mask_from_pixels(masks, self.image_size // self.base.grid_size)
+        low_mask = low_mask.reshape(images.shape[0], -1)
         start = np.where(low_mask, self.base.mask_token_id, low_tokens).astype(np.int32)
         base = self._run_stage(self.base, start, prompts, None, jax.random.fold_in(key, 0), opts)
         if self.superres is None:
             out = self._decode_images(base, self.base.grid_size)
         else:
             hi_tokens = self._encode(images, self.image_size)
-            hi_mask = image_ops.token_mask_from_pixels(masks, f).reshape(images.shape[0], -1)
+            hi_mask = image_ops.token_mask_from_pixels(masks, self.image_size // self.superres.grid_size)
+            hi_mask = hi_mask.reshape(images.shape[0], -1)
             start = np.where(hi_mask, self.superres.mask_token_id, hi_tokens).astype(np.int32)
             sr = self._run_stage(self.superres, start, prompts, base, jax.random.fold_in(key, 1), opts)
             out = self._decode_images(sr, self.superres.grid_size)

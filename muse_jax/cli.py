@@ -18,9 +18,22 @@ def _data_shapes(args, overrides):
 
 
 def _eval(args, overrides):
+    floats = lambda text: [float(v) for v in text.split(",") if v] if text else []
+    if args.prompts:  # zero-shot FID and CLIP score on a caption set
+        from muse_jax.evaluation import zero_shot
+
+        if args.num is None:
+            raise ValueError("--prompts needs --num (how many captions to generate from)")
+        zero_shot.run(
+            args.workdir, args.prompts, args.out, num=args.num, reference=args.reference,
+            tfds_data_dir=args.tfds_data_dir, inception_path=args.inception, resize=args.resize,
+            clip_path=args.clip, clip_model=args.clip_model, seed=args.seed, steps=args.steps,
+            sr_steps=args.sr_steps, guidance=args.guidance, sweep_guidance=floats(args.sweep_guidance),
+            sweep_temperature=floats(args.sweep_temperature), save_images=args.save_images,
+        )
+        return
     from muse_jax.evaluation import run as eval_run
 
-    floats = lambda text: [float(v) for v in text.split(",") if v] if text else []
     eval_run.run(
         args.workdir, args.out, num_prompts=args.num_prompts, seed=args.seed, steps=args.steps,
         sr_steps=args.sr_steps, guidance=args.guidance,
@@ -43,13 +56,17 @@ def _train_tokenizer(args, overrides):
     from muse_jax import distributed
 
     distributed.initialize(cfg)  # multi-host, as for `train` (no-op for one process)
-    result = train_tokenizer.train(cfg, args.workdir)
-    print(
-        f"tokenizer eval on {result['num_images']} test images: psnr={result['psnr']:.2f} dB "
-        f"(32 px: {result['psnr_lowres']:.2f} dB) "
-        f"usage={result['usage']:.1%} perplexity={result['perplexity']:.1f} "
-        f"palette_acc={result['palette_acc']:.4f} ({result['train_seconds']:.0f}s training)"
-    )
+    names = sorted(cfg.get("tokenizers", {}) or {}) if args.tokenizer == "all" else [args.tokenizer]
+    for name in names or [""]:
+        result = train_tokenizer.train(cfg, args.workdir, name=name)
+        if "psnr" not in result:
+            continue
+        print(
+            f"tokenizer {name or '(shared)'} eval on {result['num_images']} test images: psnr={result['psnr']:.2f} dB "
+            f"(half size: {result['psnr_lowres']:.2f} dB) "
+            f"usage={result['usage']:.1%} perplexity={result['perplexity']:.1f} "
+            f"palette_acc={result['palette_acc']:.4f} ({result['train_seconds']:.0f}s training)"
+        )
 
 
 def _train(args, overrides):
@@ -161,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_data_shapes)
 
-    p = sub.add_parser("eval", help="score a trained workdir: alignment, FID, tokenizer, sweeps")
+    p = sub.add_parser("eval", help="score a trained workdir: alignment, FID, tokenizer, sweeps; with --prompts, "
+                       "zero-shot FID and CLIP score on a caption set")
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True, help="output folder (eval.json, samples.png, sweeps)")
     p.add_argument("--num-prompts", type=int, default=200, help="prompts drawn from the test split")
@@ -176,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(tokenizer, super-res, base; 0: skip)")
     p.add_argument("--inception", help="InceptionV3 FID weights (pytorch-fid .pth or .npz) for a standard FID")
     p.add_argument("--seed", type=int, default=0)
+    z = p.add_argument_group("zero-shot evaluation on a caption set (with --prompts; see evaluation/zero_shot.py)")
+    z.add_argument("--prompts", help="captions: FILE.txt, FILE.jsonl (\"caption\"), a folder dataset (captions.jsonl) "
+                   "or tfds:NAME[:SPLIT]")
+    z.add_argument("--num", type=int, help="the first N captions (tfds: N images in a seeded order, one caption each)")
+    z.add_argument("--reference", help="FID reference: pytorch-fid statistics .npz, a folder of images or tfds:NAME[:SPLIT]")
+    z.add_argument("--tfds-data-dir", help="the folder of the prepared tfds datasets (for tfds: sources)")
+    z.add_argument("--resize", choices=["clean", "legacy"], default="clean",
+                   help="FID resize to 299: clean (clean-fid: PIL bicubic) or legacy (pytorch-fid: bilinear)")
+    z.add_argument("--clip", help="a Hugging Face CLIP checkpoint folder, for the CLIP score")
+    z.add_argument("--clip-model", choices=["vit-b-32", "vit-l-14"], help="the CLIP preset (default: its config.json)")
+    z.add_argument("--sweep-temperature", help="comma-separated sampling temperatures to sweep")
+    z.add_argument("--save-images", action="store_true", help="also write every generated image as a PNG")
     p.set_defaults(fn=_eval)
 
     p = sub.add_parser("quickstart", help="run the whole pipeline on the embedded default")
@@ -206,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-tokenizer", help="train the VQGAN image tokenizer into W/tokenizer")
     p.add_argument("--workdir", required=True)
     p.add_argument("--config", default="shapes", help="config name or path (default: shapes)")
+    p.add_argument("--tokenizer", default="",
+                   help="a tokenizer of config.tokenizers (one per stage) into W/tokenizer/NAME; 'all': each "
+                        "of them; default: the shared tokenizer in W/tokenizer")
     p.set_defaults(fn=_train_tokenizer)
 
     p = sub.add_parser("train", help="train the base and/or super-resolution transformer into W/<stage>")

@@ -25,7 +25,8 @@ STAGES = ("base", "superres")  # the masked transformers, each a config section 
 
 def named_configs() -> list[str]:
     """The names `load_config` accepts without a path."""
-    return sorted(set(configs_pkg.NAMES) | {f"{m}:ARG" for m in configs_pkg.MODULES if m != "shapes"})
+    plain = {m for m, arg in configs_pkg.NAMES.values() if arg is None}
+    return sorted(set(configs_pkg.NAMES) | {f"{m}:ARG" for m in configs_pkg.MODULES if m not in plain})
 
 
 def _module_from_file(path: pathlib.Path):
@@ -90,3 +91,24 @@ def save_config(config: ml_collections.ConfigDict, path: str | pathlib.Path) -> 
     from muse_jax import paths
 
     paths.as_path(path).write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def tokenizer_config(config: ml_collections.ConfigDict, name: str = "") -> ml_collections.ConfigDict:
+    """The config with the `vqgan` and `train_tokenizer` sections of tokenizer `name`.
+
+    "" is the shared tokenizer (the sections as they are); a name applies
+    `config.tokenizers.<name>.vqgan` / `.train_tokenizer` (overrides of those fields) to a copy.
+    """
+    if not name:
+        return config
+    known = sorted(config.get("tokenizers", {}) or {})
+    if name not in known:
+        raise ValueError(f"config.tokenizers.{name}: no such tokenizer (this config names {known or 'none'})")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for section in ("vqgan", "train_tokenizer"):
+            for key, value in (config.tokenizers[name].get(section) or {}).items():
+                if key not in config[section]:
+                    raise ValueError(f"config.tokenizers.{name}.{section}.{key}: no such field in config.{section}")
+                config[section][key] = value
+    return config

@@ -112,6 +112,8 @@ def expand(patterns) -> list[str]:
                 found += sorted(os.fspath(p) if not is_remote(name) else str(p) for p in anchor.glob(rel))
             elif as_path(name).exists():
                 found.append(name)
+            else:
+                raise FileNotFoundError(f"{name} does not exist (from {pattern!r})")
         if not found:
             raise FileNotFoundError(f"no file matches {pattern!r}")
         out += found

@@ -184,12 +184,16 @@ def analytic_forward_flops(model_config, batch: int, text_length: int) -> float:
     return float(batch * flops)
 
 
-def analytic_train_flops(model_config, batch: int, text_length: int, remat: bool | None = None) -> dict[str, float]:
+def analytic_train_flops(model_config, batch: int, text_length: int, remat: bool | None = None,
+                         attention: str | None = None) -> dict[str, float]:
     """Model FLOPs of a training step (3x forward: forward, grads of activations and weights) and
-    the FLOPs executed including block rematerialisation (one more forward of the blocks)."""
+    the FLOPs executed including block rematerialisation (one more forward of the blocks) and, for
+    attention that does not keep its probabilities (blockwise, fused), the logits q·k recomputed
+    in its backward pass (2·lq·lk·E per attention)."""
     fwd = analytic_forward_flops(model_config, batch, text_length)
     c = model_config
     remat = c.remat if remat is None else remat
+    attention = getattr(c, "attention", "xla") if attention is None else attention
     E, D, T = c.width, c.text_dim, text_length
     # the text embeddings are inputs, not parameters: no gradient w.r.t. them is computed
     model = 3 * fwd - batch * 2 * T * D * E
@@ -197,29 +201,81 @@ def analytic_train_flops(model_config, batch: int, text_length: int, remat: bool
     if remat:
         head_and_proj = batch * (2 * T * D * E + 2 * c.grid_size**2 * E * (E + c.codebook_size))
         executed += fwd - head_and_proj
+    executed += batch * sum(2 * lq * lk * E * calls for lq, lk, calls in _attention_calls(c, T)
+                            if attention_path(attention, lq, lk) != "xla")
     return {"forward": fwd, "model": float(model), "executed": float(executed)}
 
 
-def analytic_activation_bytes(model_config, batch: int, text_length: int, remat: bool | None = None) -> float:
+def _attention_calls(c, text_length: int) -> list[tuple[int, int, int]]:
+    """(queries, keys, number of layers) of each attention of the stage, per example."""
+    N = c.grid_size**2
+    n = c.lowres_grid_size**2 if c.lowres_grid_size else 0
+    calls = [(N, N, c.num_layers), (N, text_length + n, c.num_layers)]
+    return calls + [(n, n, c.num_lowres_layers)] if n else calls
+
+
+def attention_path(attention: str, lq: int, lk: int) -> str:
+    """What `attention` computes for [lq, lk] on a TPU: "xla", "blockwise" or "fused".
+
+    "auto" is blockwise from AUTO_BLOCKWISE_MIN_LOGITS logits per head, else xla (on a GPU it
+    would be fused throughout). Only the xla path keeps the [lq, lk] probabilities for the
+    backward pass; blockwise and fused recompute them from q, k, v.
+    """
+    if attention == "auto":
+        from muse_jax.models.layers import AUTO_BLOCKWISE_MIN_LOGITS
+
+        return "blockwise" if lq * lk >= AUTO_BLOCKWISE_MIN_LOGITS else "xla"
+    return attention
+
+
+def analytic_activation_bytes(model_config, batch: int, text_length: int, remat: bool | None = None,
+                              attention: str | None = None) -> float:
     """Activations kept for the backward pass of `batch` examples (the per-device batch), in bytes.
 
     Per token and block, in the compute dtype (s bytes): the inputs of the matmuls (3 LayerNorm
-    outputs, q, k, v, the self- and cross-attention outputs, cross-attention q: 9E) and both MLP
-    activations (2M); the attention probabilities over N + S keys per head in float32 and in s;
-    1-byte dropout masks (3E) when dropout is on; per example the cross-attention keys and values
-    (2·S·E). With `remat`, a block keeps only its input (E) and one block's set is live again
-    during its backward. Plus the float32 logits and their gradient (2·N·K·4 per example).
+    outputs, q, k, v, the self- and cross-attention outputs, cross-attention q: 9E; a low-res
+    encoder block without cross-attention: 6E) and both MLP activations (2M); 1-byte dropout
+    masks (3E + M, encoder 2E + M) when dropout is on; per example the cross-attention keys and
+    values (2·S·E). Attention with the xla path (`attention`, default the config's) also keeps
+    its probabilities, h·lq·lk per example in float32 and in s; blockwise and fused attention
+    recompute them. With `remat`, a block keeps only its input (E) and one block's set is live
+    again during its backward. Plus the float32 logits and their gradient (2·N·K·4 per example).
     """
     c = model_config
     remat = c.remat if remat is None else remat
+    attention = getattr(c, "attention", "xla") if attention is None else attention
     s = 2 if c.dtype in ("bfloat16", "float16") else 4
     E, M, K, N, h = c.width, c.mlp_dim, c.codebook_size, c.grid_size**2, c.num_heads
-    S = text_length + (c.lowres_grid_size**2 if c.lowres_grid_size else 0)
-    per_token = s * (9 * E + 2 * M) + h * (N + S) * (4 + s) + (3 * E if c.dropout_rate > 0 else 0)
-    per_block = N * per_token + 2 * S * E * s  # per example
-    layers = c.num_layers + (c.num_lowres_layers or 0)
-    blocks = (layers * N * E * s + per_block) if remat else layers * per_block
+    n = c.lowres_grid_size**2 if c.lowres_grid_size else 0
+    S = text_length + n
+    dropout = c.dropout_rate > 0
+
+    def probs(lq, lk):
+        return h * lq * lk * (4 + s) if attention_path(attention, lq, lk) == "xla" else 0
+
+    decoder = N * (s * (9 * E + 2 * M) + dropout * (3 * E + M)) + probs(N, N) + probs(N, S) + 2 * S * E * s
+    encoder = n * (s * (6 * E + 2 * M) + dropout * (2 * E + M)) + probs(n, n)
+    encoder_layers = c.num_lowres_layers or 0
+    if remat:
+        blocks = (c.num_layers * N + encoder_layers * n) * E * s + max(decoder, encoder if encoder_layers else 0)
+    else:
+        blocks = c.num_layers * decoder + encoder_layers * encoder
     return float(batch * (blocks + 2 * N * K * 4))
+
+
+def compute_flops_per_device(model_config, text_length: int, xla_per_device: float, analytic_executed: float,
+                             num_devices: int) -> float:
+    """FLOPs per device for the compute time: XLA's count, or the analytic executed count when larger
+    and the stage runs blockwise attention (XLA's cost analysis counts a loop's body once, not once
+    per iteration, so it misses most of the blockwise scans' work)."""
+    attention = getattr(model_config, "attention", "xla")
+    loops = any(attention_path(attention, lq, lk) == "blockwise" for lq, lk, _ in _attention_calls(model_config, text_length))
+    return max(xla_per_device, analytic_executed / num_devices) if loops else xla_per_device
+
+
+def _activations_by_attention(model_config, batch: int, text_length: int) -> dict[str, float]:
+    """`analytic_activation_bytes` with the xla and with the blockwise attention."""
+    return {a: analytic_activation_bytes(model_config, batch, text_length, attention=a) for a in ("xla", "blockwise")}
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -442,7 +498,7 @@ def plan(
     train_step = step_lib.make_train_step(config, model, jmesh, shardings, empty_text=empty, rules=rules,
                                           batch_keys=batch_keys)
     with partitioning.axis_rules(jmesh, rules):
-        lowered = train_step.jitted.lower(state, batch, jax.random.key(0))
+        lowered = train_step.jitted.lower(state, batch, jax.random.key(0), None)
     t_lower = time.perf_counter() - t0
     compiled = lowered.compile()
     t_compile = time.perf_counter() - t0 - t_lower
@@ -466,7 +522,7 @@ def plan(
     activations = analytic_activation_bytes(mcfg, B // batch_shards, L)
     p = {
         "config": {"stage": stage, "batch_size": B, "batch_per_device": B // batch_shards, "text_length": L,
-                   "remat": bool(mcfg.remat), "dtype": mcfg.dtype, "optimizer": config.train.optimizer,
+                   "remat": bool(mcfg.remat), "dtype": mcfg.dtype, "attention": mcfg.attention, "optimizer": config.train.optimizer,
                    "params": transformer_lib.count_params(state.params)},
         "mesh": sizes,
         "num_devices": n,
@@ -475,6 +531,7 @@ def plan(
             "arguments": arg_b, "outputs": out_b, "aliased": alias_b, "temporaries": temp_b,
             "peak": arg_b + out_b - alias_b + temp_b,
             "activations_analytic": activations,
+            "activations_analytic_by_attention": _activations_by_attention(mcfg, B // batch_shards, L),
             # what must fit at least: the state, one gradient per parameter, the saved activations
             "state_grads_activations": params_b + opt_b + ema_b + params_b + activations,
         },
@@ -490,6 +547,8 @@ def plan(
         **({"hlo": hlo} if keep_hlo else {}),
     }
     p["flops"]["xla_total"] = p["flops"]["xla_per_device"] * n
+    p["flops"]["compute_per_device"] = compute_flops_per_device(mcfg, L, p["flops"]["xla_per_device"],
+                                                                analytic["executed"], n)
     p["estimates"] = {a: estimate(p, a) for a in accs}
     return p
 
@@ -542,8 +601,11 @@ def plan_extrapolated(config, mesh, accelerators=("tpu_v4",), *, layers_from=(2,
                   "analytic_model": analytic["model"], "analytic_executed": analytic["executed"],
                   "analytic_forward": analytic["forward"]}
     p["flops"]["xla_total"] = p["flops"]["xla_per_device"] * n
+    p["flops"]["compute_per_device"] = compute_flops_per_device(mcfg, L, p["flops"]["xla_per_device"],
+                                                                analytic["executed"], n)
     m = p["memory_per_device"]
     m["activations_analytic"] = analytic_activation_bytes(mcfg, p["config"]["batch_per_device"], L)
+    m["activations_analytic_by_attention"] = _activations_by_attention(mcfg, p["config"]["batch_per_device"], L)
     m["state_grads_activations"] = m["params"] * 2 + m["optimizer_state"] + m["ema_params"] + m["activations_analytic"]
     p["extrapolated_from_layers"] = [a, b]
     p["estimates"] = {name: estimate(p, name) for name in accs}
@@ -585,7 +647,7 @@ def estimate(p: Mapping[str, Any], accelerator_name: str, efficiency: float = EF
     """
     acc = accelerator(accelerator_name)
     n = p["num_devices"]
-    t_compute = p["flops"]["xla_per_device"] / acc.peak_flops
+    t_compute = p["flops"].get("compute_per_device", p["flops"]["xla_per_device"]) / acc.peak_flops
     t_memory = p["bytes_accessed_per_device"] / acc.hbm_bandwidth
     t_comm = communication_seconds(p, acc)
     # XLA:CPU's bytes accessed count unfused operands: far above what TPU/GPU fusion reads, so
@@ -624,8 +686,13 @@ def format_plan(p: Mapping[str, Any]) -> str:
         f"temporaries (activations, gradients) {_gib(m['temporaries'])}",
         f"  peak {_gib(m['peak'])} (XLA:CPU); analytic saved activations {_gib(m['activations_analytic'])}; "
         f"state + grads + activations {_gib(m['state_grads_activations'])}",
+        "  analytic saved activations by attention: "
+        + ", ".join(f"{a} {_gib(b)}" for a, b in m.get("activations_analytic_by_attention", {}).items())
+        + f" (this config: {c.get('attention', 'xla')})",
         f"FLOPs per step: XLA {f['xla_total']:.3e} ({f['xla_per_device']:.3e} per device); analytic: model "
-        f"{f['analytic_model']:.3e}, executed with remat {f['analytic_executed']:.3e}",
+        f"{f['analytic_model']:.3e}, executed with remat {f['analytic_executed']:.3e}"
+        + ("; compute time from the analytic count (XLA counts the blockwise attention's loop bodies once)"
+           if f.get("compute_per_device", f["xla_per_device"]) != f["xla_per_device"] else ""),
         f"HBM traffic per device (XLA estimate): {p['bytes_accessed_per_device'] / 1e9:.2f} GB",
         "communication per device: "
         + (", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in p["collective_bytes_per_device"].items()) or "none"),

@@ -61,6 +61,16 @@ def sample_grid(workdir: pathlib.Path, num_per_prompt: int = 4, seed: int = 0) -
     return out
 
 
+def _up_to_date(stamp_path: pathlib.Path, stamp: dict, *outputs: pathlib.Path) -> bool:
+    """True when `outputs` exist and were made from the same `stamp` (trained steps, settings)."""
+    if not all(p.is_file() for p in outputs) or not stamp_path.is_file():
+        return False
+    try:
+        return json.loads(stamp_path.read_text()) == json.loads(json.dumps(stamp))  # tuples read back as lists
+    except json.JSONDecodeError:
+        return False
+
+
 def run(workdir: str, config_spec: str = "shapes", overrides=()) -> pathlib.Path:
     """Runs (or resumes) every stage; returns the path of the report."""
     from muse_jax.evaluation import report
@@ -94,16 +104,29 @@ def run(workdir: str, config_spec: str = "shapes", overrides=()) -> pathlib.Path
     loop.train(cfg, workdir)
     timings["transformers"] = time.time() - t
 
+    # The grid and the evaluation are redone only when a stage trained further or their settings changed.
+    trained = {stage: workdir_lib.checkpoint_steps(workdir, stage)[-1:] for stage in ("tokenizer", *config_lib.STAGES)}
     t = _stage("4/5 sampling the prompt grid")
-    print(f"samples: {sample_grid(workdir)}")
+    grid, stamp = workdir / "samples" / "prompts_grid.png", {"trained": trained, "sample": cfg.sample.to_dict()}
+    if _up_to_date(grid.with_suffix(".stamp.json"), stamp, grid):
+        print(f"samples: {grid} (up to date)")
+    else:
+        print(f"samples: {sample_grid(workdir)}")
+        grid.with_suffix(".stamp.json").write_text(json.dumps(stamp))
     timings["sampling"] = time.time() - t
 
     t = _stage("5/5 evaluation")
     q = cfg.quickstart
-    ev = eval_run.run(workdir, workdir / "eval", num_prompts=q.eval_prompts, sweep_steps=tuple(q.sweep_steps),
-                      sweep_guidance=tuple(q.sweep_guidance), sweep_prompts=q.sweep_prompts,
-                      num_tokenizer_images=q.tokenizer_images, num_detector_images=q.detector_images,
-                      num_stage_images=q.get("stage_images", 0))
+    ev_path, stamp = workdir / "eval" / "eval.json", {**stamp, "quickstart": q.to_dict()}
+    if _up_to_date(ev_path.with_suffix(".stamp.json"), stamp, ev_path):
+        print(f"evaluation: {ev_path} (up to date)")
+        ev = json.loads(ev_path.read_text())
+    else:
+        ev = eval_run.run(workdir, workdir / "eval", num_prompts=q.eval_prompts, sweep_steps=tuple(q.sweep_steps),
+                          sweep_guidance=tuple(q.sweep_guidance), sweep_prompts=q.sweep_prompts,
+                          num_tokenizer_images=q.tokenizer_images, num_detector_images=q.detector_images,
+                          num_stage_images=q.get("stage_images", 0))
+        ev_path.with_suffix(".stamp.json").write_text(json.dumps(stamp))
     timings["evaluation"] = time.time() - t
     timings["total"] = time.time() - t_all
     path = report.write_report(workdir, cfg, ev, timings)

@@ -7,6 +7,8 @@ A workdir W holds everything a trained pipeline needs:
   W/tokenizer/config.json       the VQGAN's architecture, training section and image size
   W/tokenizer/checkpoints/<n>/  Orbax checkpoints (tokenizer train state + data position)
   W/tokenizer/tb/, eval.json    TensorBoard events; the final test evaluation
+  W/tokenizer/<name>/...        the same for a named tokenizer (`config.<stage>.tokenizer`: one per
+                                stage, as the paper's f16 base and f8 super-res VQGANs)
   W/text/spm.model              the sentencepiece vocabulary (trained on the captions if absent)
   W/cache/tokens_<split>.npz    image tokens of a split, and captions_<split>.json
   W/cache/text/                 frozen-T5 embeddings of the captions (a local folder)
@@ -62,8 +64,16 @@ def text_cache_dir(workdir):
     return paths.local_dir(workdir, "cache", "text")
 
 
-def tokenizer_dir(workdir):
-    return path(workdir) / TOKENIZER
+def tokenizer_dir(workdir, name: str = ""):
+    """W/tokenizer (the shared tokenizer, name "") or W/tokenizer/<name>."""
+    if name and (name in ("checkpoints", "tb") or not name.replace("_", "").replace("-", "").isalnum()):
+        raise ValueError(f"tokenizer name {name!r}: expected letters, digits, '_' or '-' (not checkpoints/tb)")
+    return path(workdir) / TOKENIZER / name if name else path(workdir) / TOKENIZER
+
+
+def stage_tokenizer(config, stage: str) -> str:
+    """The name of the tokenizer `stage` reads its tokens with ("" = the shared W/tokenizer)."""
+    return str(config[stage].get("tokenizer", ""))
 
 
 def stage_dir(workdir, stage: str):
@@ -73,8 +83,10 @@ def stage_dir(workdir, stage: str):
 
 
 def checkpoint_dir(workdir, stage: str):
-    """W/<stage>/checkpoints, or W/tokenizer/checkpoints for stage "tokenizer"."""
-    return (tokenizer_dir(workdir) if stage == TOKENIZER else stage_dir(workdir, stage)) / "checkpoints"
+    """W/<stage>/checkpoints; W/tokenizer[/<name>]/checkpoints for stage "tokenizer[/<name>]"."""
+    if stage == TOKENIZER or stage.startswith(TOKENIZER + "/"):
+        return tokenizer_dir(workdir, stage[len(TOKENIZER) + 1:]) / "checkpoints"
+    return stage_dir(workdir, stage) / "checkpoints"
 
 
 def checkpoint_steps(workdir, stage: str) -> list[int]:
@@ -93,10 +105,11 @@ def _read_json(p) -> dict:
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
-    """W/config.json if present (written by the quickstart), else the embedded shapes default."""
-    p = path(workdir) / CONFIG_FILE
-    if p.is_file():
-        return ml_collections.ConfigDict(_read_json(p))
+    """W/config.json if present (written by the quickstart), else the config the base stage was
+    trained with (W/base/config.json), else the embedded shapes default."""
+    for p in (path(workdir) / CONFIG_FILE, stage_dir(workdir, "base") / CONFIG_FILE):
+        if p.is_file():
+            return ml_collections.ConfigDict(_read_json(p))
     return config_lib.load_config("shapes")
 
 
@@ -113,12 +126,13 @@ def load_stage_config(workdir, stage: str) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- image tokenizer
 
 
-def tokenizer_meta(workdir) -> dict:
-    """W/tokenizer/config.json: {"vqgan": ..., "train_tokenizer": ..., "image_size": ...}."""
-    p = tokenizer_dir(workdir) / CONFIG_FILE
+def tokenizer_meta(workdir, name: str = "") -> dict:
+    """W/tokenizer[/<name>]/config.json: {"vqgan": ..., "train_tokenizer": ..., "image_size": ...}."""
+    p = tokenizer_dir(workdir, name) / CONFIG_FILE
     if not p.is_file():
-        raise FileNotFoundError(f"no trained tokenizer in {tokenizer_dir(workdir)}: {p} is missing "
-                                "(run `muse-jax train-tokenizer --workdir W` first)")
+        flag = f" --tokenizer {name}" if name else ""
+        raise FileNotFoundError(f"no trained tokenizer in {tokenizer_dir(workdir, name)}: {p} is missing "
+                                f"(run `muse-jax train-tokenizer --workdir W{flag}` first)")
     try:
         meta = json.loads(p.read_text())
         vqgan.VQGANConfig.from_dict(meta["vqgan"])
@@ -128,21 +142,38 @@ def tokenizer_meta(workdir) -> dict:
     return meta
 
 
-def load_image_tokenizer(workdir, step: int | None = None, mesh=None) -> vqgan.ImageTokenizer:
-    """W's trained VQGAN (latest checkpoint, or `step`) as a jitted `ImageTokenizer`."""
-    meta = tokenizer_meta(workdir)
+def load_image_tokenizer(workdir, step: int | None = None, mesh=None, name: str = "") -> vqgan.ImageTokenizer:
+    """W's trained VQGAN (the shared one, or `name`; latest checkpoint, or `step`) as a jitted `ImageTokenizer`."""
+    meta = tokenizer_meta(workdir, name)
     config = vqgan.VQGANConfig.from_dict(meta["vqgan"])
     abstract = jax.eval_shape(lambda: nn.unbox(vqgan.init_params(config, jax.random.key(0), int(meta["image_size"]))))
     try:
-        tree, _ = ckpt_lib.restore_subtree(checkpoint_dir(workdir, TOKENIZER), {"params": abstract}, step=step)
+        tree, _ = ckpt_lib.restore_subtree(checkpoint_dir(workdir, _tokenizer_stage(name)), {"params": abstract},
+                                           step=step)
     except ckpt_lib.CheckpointError as e:
-        raise ValueError(f"cannot load the tokenizer in {tokenizer_dir(workdir)}: {e}") from None
+        raise ValueError(f"cannot load the tokenizer in {tokenizer_dir(workdir, name)}: {e}") from None
     return vqgan.ImageTokenizer(config, tree["params"], mesh=mesh)
 
 
-def tokenizer_identity(workdir) -> list[str]:
-    """What identifies W's trained tokenizer (its checkpoint steps): caches of its tokens keep it."""
-    return [str(s) for s in sorted(checkpoint_steps(workdir, TOKENIZER), key=str)]
+def _tokenizer_stage(name: str) -> str:
+    return f"{TOKENIZER}/{name}" if name else TOKENIZER
+
+
+def tokenizer_identity(workdir, name: str = "") -> list[str]:
+    """What identifies a trained tokenizer (its checkpoint steps): caches of its tokens keep it."""
+    return [str(s) for s in sorted(checkpoint_steps(workdir, _tokenizer_stage(name)), key=str)]
+
+
+def check_stage_tokenizer(config, stage: str, tokenizer) -> int:
+    """Refuses a tokenizer whose codebook or token grid is not the stage's; returns the stage's pixel size.
+
+    The stage's images are `config.<stage>.grid_size * tokenizer.factor` pixels square.
+    """
+    cfg, name = config[stage], stage_tokenizer(config, stage) or "(shared)"
+    if tokenizer.codebook_size != int(cfg.codebook_size):
+        raise ValueError(f"tokenizer {name} has {tokenizer.codebook_size} codes; config.{stage}.codebook_size is "
+                         f"{int(cfg.codebook_size)}")
+    return int(cfg.grid_size) * tokenizer.factor
 
 
 # ----------------------------------------------------------------------------- text

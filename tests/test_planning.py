@@ -130,6 +130,28 @@ def test_analytic_flops_by_hand():
     assert got["model"] == got["executed"] == 3 * (3 * fwd - 2 * T * D * E)
 
 
+def test_analytic_activations_without_the_attention_probabilities():
+    """Blockwise attention saves no [lq, lk] probabilities: exactly h·lq·lk·(4 + s) per attention less."""
+    cfg = types.SimpleNamespace(width=8, mlp_dim=16, codebook_size=5, grid_size=4, text_dim=3, num_layers=2,
+                                num_heads=2, lowres_grid_size=2, num_lowres_layers=3, remat=False,
+                                dtype="bfloat16", dropout_rate=0.0, attention="xla")
+    N, n, T, h, s, batch = 16, 4, 6, 2, 2, 3
+    xla = planning.analytic_activation_bytes(cfg, batch, T)
+    blockwise = planning.analytic_activation_bytes(cfg, batch, T, attention="blockwise")
+    probs = 2 * (N * N + N * (T + n)) + 3 * n * n  # decoder self + cross, encoder self
+    assert xla - blockwise == batch * h * probs * (4 + s)
+    assert planning.analytic_activation_bytes(cfg, batch, T, attention="auto") == xla  # short: the xla path
+    remat = planning.analytic_activation_bytes(cfg, batch, T, remat=True, attention="blockwise")
+    assert remat < blockwise
+    # ... and recomputes the logits q·k in its backward pass, inside loops whose bodies XLA counts once
+    flops = {a: planning.analytic_train_flops(cfg, batch, T, attention=a) for a in ("xla", "blockwise")}
+    assert flops["blockwise"]["executed"] - flops["xla"]["executed"] == batch * 2 * 8 * probs
+    assert flops["blockwise"]["model"] == flops["xla"]["model"]
+    assert planning.compute_flops_per_device(cfg, T, 1e3, 8e3, 4) == 1e3  # xla attention: XLA's count
+    blockwise_cfg = types.SimpleNamespace(**dict(vars(cfg), attention="blockwise"))
+    assert planning.compute_flops_per_device(blockwise_cfg, T, 1e3, 8e3, 4) == 2e3
+
+
 def test_communication_inside_and_between_nodes():
     p = {"collective_bytes_per_device": {"all-reduce": 3e9},
          "collective_bytes_by_group": {"8:contiguous": 1e9, "8:strided": 1e9, "64:contiguous": 1e9}}

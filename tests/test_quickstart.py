@@ -61,8 +61,12 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     assert "relation" in ev["stages"]["two objects"]["real images"]["attributes"]
     assert (w / "eval" / "sweep_steps.png").is_file() and (w / "eval" / "sweep_guidance.json").is_file()
 
-    # Same workdir again: every training stage resumes at its last checkpoint instead of training.
-    mtimes = {p: p.stat().st_mtime for p in w.glob("*/checkpoints/*")}
+    # Same workdir again: every training stage resumes at its last checkpoint instead of training,
+    # and the sample grid and the evaluation, made from the same checkpoints, are not redone.
+    kept = [*w.glob("*/checkpoints/*"), w / "eval" / "eval.json", w / "samples" / "prompts_grid.png"]
+    mtimes = {p: p.stat().st_mtime for p in kept}
+    (w / "report.md").unlink()
     quickstart.run(str(w), "shapes", TINY)
     assert _checkpoints(w) == {"tokenizer": ["6"], "base": ["3"], "superres": ["3"]}
-    assert {p: p.stat().st_mtime for p in w.glob("*/checkpoints/*")} == mtimes
+    assert {p: p.stat().st_mtime for p in kept} == mtimes
+    assert "| one_seen | 2 |" in report.read_text()  # the report again, from the saved evaluation

@@ -204,7 +204,7 @@ def test_train_tokenizer_cli_joins_the_multihost_job_first(monkeypatch, tmp_path
     calls = []
     monkeypatch.setattr(distributed, "initialize", lambda cfg: calls.append(("initialize", cfg.distributed.cluster)))
 
-    def train(cfg, workdir):
+    def train(cfg, workdir, name=""):
         calls.append(("train", str(workdir)))
         raise ValueError("stop here")  # the CLI reports it and returns 2
 

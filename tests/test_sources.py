@@ -87,3 +87,22 @@ def test_bad_data_config_is_refused(tmp_path):
         sources.make_source(_data_config("parquet"), "train", tmp_path)
     with pytest.raises(ValueError, match="unknown split"):
         sources.make_source(_data_config("procedural"), "validation")
+
+
+def test_expand_brace_patterns_and_globs(tmp_path):
+    from muse_jax import paths
+
+    for i in range(3):
+        (tmp_path / f"{i:05d}.tar").write_text("")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.parquet").write_text("")
+    assert paths.expand(f"{tmp_path}/{{00000..00001}}.tar") == [f"{tmp_path}/00000.tar", f"{tmp_path}/00001.tar"]
+    assert paths.expand(f"{tmp_path}/*.tar :: {tmp_path}/s*/*.parquet") == [
+        *[f"{tmp_path}/{i:05d}.tar" for i in range(3)], f"{tmp_path}/sub/a.parquet"]
+    assert paths._braces("{x,y{1..2}}z") == ["xz", "y1z", "y2z"]
+    with pytest.raises(FileNotFoundError, match="00003.tar does not exist"):
+        paths.expand(f"{tmp_path}/{{00000..00004}}.tar")  # a shard missing from a range is not skipped
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        paths.expand(f"{tmp_path}/*.jpg")
+    with pytest.raises(ValueError, match="unbalanced"):
+        paths.expand(f"{tmp_path}/{{0..1.tar")

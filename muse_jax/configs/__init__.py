@@ -1,16 +1,19 @@
 """Named configs: `get_config(arg)` modules returning an `ml_collections.ConfigDict`.
 
   shapes            the embedded default (procedural shapes, CPU)
+  smoke             the paper-shaped pipeline (real data, a tokenizer per stage) at laptop size
   paper:VARIANT     the paper's transformers: muse_632m, muse_3b, superres_268m
   vqgan:VARIANT     the paper's tokenizers: f16 (256 px), f8 (512 px)
   t5:PRESET         a frozen pretrained T5 `text` section (not a whole config)
+  data:SOURCE       a real image-text `data` section (not a whole config)
 
 `NAMES` also lets a variant be named alone (`muse_3b` = `paper:muse_3b`).
 """
 
-MODULES = ("shapes", "paper", "vqgan", "t5")  # t5 gives a `text` section, not a whole config
+MODULES = ("shapes", "smoke", "paper", "vqgan", "t5", "data")  # t5 and data give one section, not a whole config
 NAMES = {
     "shapes": ("shapes", None),
+    "smoke": ("smoke", None),
     "muse_632m": ("paper", "muse_632m"),
     "muse_3b": ("paper", "muse_3b"),
     "superres_268m": ("paper", "superres_268m"),

@@ -19,7 +19,7 @@ superres_268m: 16 low-res encoder layers + 32 high-res layers at width 1024, MLP
 """
 import ml_collections
 
-from muse_jax.configs import shapes, t5
+from muse_jax.configs import data, shapes, t5, vqgan
 
 SIZES = {
     "muse_632m": ("base", dict(grid_size=16, num_layers=16, width=1536, mlp_dim=6144, num_heads=24)),
@@ -43,7 +43,21 @@ def get_config(arg=None):
     s.remat = True
     for name, value in sizes.items():
         s[name] = value
-    config.text = t5.get_config("t5-v1_1-xxl")  # frozen; embeddings from data/text_cache.py
+    config.text = t5.get_config("t5-v1_1-xxl")  # frozen; needs config.text.checkpoint (and spm_model)
+    # Real image-text data (webdataset shards by default; config.data.train_files must be given) and a
+    # tokenizer per stage: f16 at 256 px for the base (16x16 tokens), f8 at 512 px for super-res
+    # (64x64 tokens), each trained by `muse-jax train-tokenizer --tokenizer base|superres` (or
+    # converted from diffusers weights) into W/tokenizer/<name>; tokens are computed in the train step.
+    config.data = data.get_config("webdataset")
+    config.data.image_size = 512 if stage == "superres" else 256
+    config.tokenizers = ml_collections.ConfigDict({"base": vqgan.tokenizer_section("f16"),
+                                                   "superres": vqgan.tokenizer_section("f8")})
+    for name in ("base", "superres"):
+        config[name].tokenizer = name
+        config[name].codebook_size = 8192
+    config.base.grid_size = 16  # the super-res stage's low-res tokens are the base stage's
+    if stage == "superres":  # 4096 tokens: the full attention matrix would be ~1 GiB per example and layer
+        s.attention = "blockwise"
     config.train.batch_size = 512
     config.train.optimizer = "adafactor"
     config.train.num_steps = 1_000_000

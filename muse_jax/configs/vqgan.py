@@ -5,7 +5,15 @@
 aMUSEd / open-muse VQGAN layout (diffusers VQModel: widths 128-256-256-512-768, 2 blocks per
 resolution, 64-d codes, quant_conv, no attention), so `vqgan.load_diffusers_dir` weights fit.
 """
+import ml_collections
+
 from muse_jax.configs import shapes
+
+
+def tokenizer_section(variant: str) -> ml_collections.ConfigDict:
+    """{"vqgan": ..., "train_tokenizer": ...} of a variant: a `config.tokenizers.<name>` entry."""
+    config = get_config(variant)
+    return ml_collections.ConfigDict({"vqgan": config.vqgan.to_dict(), "train_tokenizer": config.train_tokenizer.to_dict()})
 
 
 def get_config(arg=None):
@@ -27,6 +35,7 @@ def get_config(arg=None):
     v.dtype = "bfloat16"
     t = config.train_tokenizer
     t.image_size = 256 if variant == "f16" else 512
+    t.lowres_every = 0  # one resolution per tokenizer
     t.num_steps = 1_000_000
     t.batch_size = 256
     t.lr = 1e-4

@@ -20,13 +20,57 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class StageData:
-    """A random-access source, the empty prompt's text inputs, and a few preview examples."""
+    """What a stage trains on: a random-access source of token arrays (shapes, synthetic), or
+    `batches(local_batch_size)` streaming images and text ids whose tokens `prepare` (a
+    `training.online.Prepare`) computes inside the step; the empty prompt's text inputs, and a
+    few preview examples."""
 
-    source: ArraySource
+    source: ArraySource | None
     empty_text: dict[str, np.ndarray]
     preview: dict[str, np.ndarray] | None = None
     tokenizer: object = None  # the ImageTokenizer that decodes previews
     prompts: list[str] | None = None
+    batches: object = None  # streaming: local batch size -> a checkpointable iterator of batches
+    example: dict[str, np.ndarray] | None = None  # streaming: one example (shapes and dtypes)
+    prepare: object = None  # streaming: the in-step tokenizers (and frozen T5)
+
+    def first_example(self) -> dict[str, np.ndarray]:
+        return self.source[0] if self.source is not None else self.example
+
+
+class TextBatches:
+    """Batches of images and captions -> images and the captions' sentencepiece ids.
+
+    Passes the inner iterator's checkpoint protocol (get_state / set_state / start_prefetch) and
+    its skip counts (`skipped`, `metrics()`) through.
+    """
+
+    def __init__(self, batches, spm):
+        self.batches, self.spm = batches, spm
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        b = next(self.batches)
+        ids, mask = self.spm(list(b["caption"]))
+        return {"image": b["image"], "text_ids": ids.astype(np.int32), "text_mask": mask}
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return self.batches.skipped
+
+    def metrics(self) -> dict[str, int]:
+        return self.batches.metrics()
+
+    def get_state(self) -> bytes:
+        return self.batches.get_state()
+
+    def set_state(self, state: bytes) -> None:
+        self.batches.set_state(state)
+
+    def start_prefetch(self) -> None:
+        self.batches.start_prefetch()
 
 
 @dataclasses.dataclass

@@ -29,8 +29,9 @@ Use:
   img = embed_images(params, uint8_images, config=cfg)  # uint8 [N, H, W, 3] -> [N, 512]
   txt = embed_texts(params, ids, mask, config=cfg)      # ids from CLIP's BPE tokenizer
   scores = clip_score(img, txt)                          # [N], 100 * max(cos, 0)
-Token ids come from CLIP's byte-level BPE tokenizer (e.g. transformers' `CLIPTokenizer` built
-from a local vocab.json / merges.txt, padded to 77), which is not part of this module.
+Token ids come from CLIP's byte-level BPE tokenizer, which is not part of this module:
+`load_tokenizer(checkpoint_dir)` wraps transformers' `CLIPTokenizer` built from the checkpoint's
+vocab.json / merges.txt (transformers is needed for it).
 
 Parameter tree (`CLIP(cfg).init(...)["params"]`), with logical axis names:
   logit_scale                                        []
@@ -429,6 +430,23 @@ def embed_texts(params, ids, mask=None, *, config: Any) -> jax.Array:
     ids = jnp.asarray(ids, jnp.int32)
     mask = jnp.ones(ids.shape, bool) if mask is None else jnp.asarray(mask).astype(bool)
     return _jitted(cfg, "encode_text")(_params(params), ids, mask)
+
+
+def load_tokenizer(path, max_length: int = 77):
+    """CLIP's BPE tokenizer from a Hugging Face checkpoint directory (vocab.json, merges.txt):
+    a function texts -> (ids int32 [N, max_length], mask bool [N, max_length]), truncated and padded."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("the CLIP tokenizer needs transformers (pip install transformers)") from e
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(path))
+
+    def tokenize(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        out = tokenizer(list(texts), padding="max_length", max_length=max_length, truncation=True,
+                        return_tensors="np")
+        return out["input_ids"].astype(np.int32), out["attention_mask"].astype(bool)
+
+    return tokenize
 
 
 def clip_score(image_emb, text_emb) -> jax.Array:

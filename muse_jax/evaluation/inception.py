@@ -7,9 +7,17 @@ average pools of the A, C and first E blocks exclude the zero padding from the a
 the last E block max-pools. Input: images in [0, 1], resized bilinearly to 299x299 (no
 antialiasing, half-pixel centres: PyTorch's `interpolate(..., align_corners=False)`), then
 scaled to [-1, 1]. Weights are never downloaded: the user supplies a file.
+
+Two resize protocols bring images to 299x299 (`RESIZE_PROTOCOLS`):
+  "legacy"  pytorch-fid's: the float tensor in [0, 1] resized bilinearly inside the network, as
+            above (clean-fid calls it "legacy_pytorch"); what this module did from the start.
+  "clean"   clean-fid's (Parmar et al. 2022): each channel of the uint8 image as a float32 PIL
+            image, PIL's bicubic filter (antialiased when shrinking), clipped to [0, 255], not
+            quantised; then the same network without its own resize (`clean_resize`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
@@ -222,6 +230,7 @@ _BLOCK_NAMES = {
 _IGNORED_PREFIXES = ("fc.", "AuxLogits.")  # the classifier heads: not part of the features
 
 
+@functools.cache
 def _variable_shapes() -> dict[str, Any]:
     shapes = jax.eval_shape(InceptionV3().init, jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
     return jax.tree_util.tree_map(lambda s: s.shape, shapes)
@@ -293,24 +302,48 @@ def save_npz(state_dict: Mapping[str, Any], path: str) -> None:
     np.savez(path, **arrays)
 
 
-def make_feature_fn(variables: Mapping[str, Any]):
-    """A jitted function: [N, H, W, 3] uint8 images -> [N, 2048] float32 pool3 features."""
-    model = InceptionV3()
+RESIZE_PROTOCOLS = ("clean", "legacy")
 
-    @jax.jit
-    def features(images):
-        return model.apply(variables, images.astype(jnp.float32) / 255.0)
 
-    return features
+def clean_resize(images: np.ndarray, size: int | None = None) -> np.ndarray:
+    """clean-fid's resize: uint8 [N, H, W, 3] -> float32 [N, size, size, 3] in [0, 255] (default 299),
+    each channel resized as a float32 PIL image with the bicubic filter, clipped, not quantised."""
+    from PIL import Image
+
+    size = size or INPUT_SIZE
+    out = np.empty((len(images), size, size, 3), np.float32)
+    for i, image in enumerate(np.asarray(images)):
+        for c in range(3):
+            channel = Image.fromarray(image[..., c].astype(np.float32))  # mode "F"
+            out[i, ..., c] = np.asarray(channel.resize((size, size), resample=Image.Resampling.BICUBIC))
+    return np.clip(out, 0.0, 255.0)
+
+
+@functools.partial(jax.jit, static_argnames="resize_input")
+def _pool3(variables, images, resize_input: bool = True):
+    """[N, H, W, 3] images in [0, 255] (uint8 or float) -> [N, 2048] pool3 features; the weights
+    are an argument, so one compiled program serves every set of weights."""
+    return InceptionV3(resize_input=resize_input).apply(variables, images.astype(jnp.float32) / 255.0)
+
+
+def make_feature_fn(variables: Mapping[str, Any], resize: str = "legacy"):
+    """A function: [N, H, W, 3] uint8 images -> [N, 2048] float32 pool3 features, with the
+    `resize` protocol ("legacy": on the device; "clean": on the host first)."""
+    if resize == "legacy":
+        return lambda images: _pool3(variables, images)
+    if resize == "clean":
+        return lambda images: _pool3(variables, clean_resize(np.asarray(images)), resize_input=False)
+    raise ValueError(f"unknown resize protocol {resize!r}; expected one of {RESIZE_PROTOCOLS}")
 
 
 def inception_features(images: np.ndarray, variables: Mapping[str, Any], batch_size: int = 50,
-                       feature_fn=None) -> np.ndarray:
-    """[N, 2048] pool3 features of [N, H, W, 3] uint8 images, computed in batches."""
+                       feature_fn=None, resize: str = "legacy") -> np.ndarray:
+    """[N, 2048] pool3 features of [N, H, W, 3] uint8 images, computed in batches (`feature_fn`
+    if given, else `make_feature_fn(variables, resize)`)."""
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"expected [N, H, W, 3] uint8 images, got {images.shape} {images.dtype}")
-    fn = feature_fn or make_feature_fn(variables)
+    fn = feature_fn or make_feature_fn(variables, resize)
     batch_size = max(1, min(batch_size, len(images)))
     out: list[np.ndarray] = []
     for start in range(0, len(images), batch_size):

@@ -19,8 +19,9 @@ For samplers:
 
 All attention goes through `muse_jax.models.layers.dot_product_attention` in heads-major
 [b, h, l, d] layout (queries, keys and values are projected by 2-D matmuls and transposed into
-it). Parameters carry logical axis names (`nn.with_logical_partitioning`) and key activations
-logical constraints; `muse_jax/training/partitioning.py` maps them to a mesh.
+it), computed as `config.attention` says ("xla"; "blockwise" for long sequences). Parameters
+carry logical axis names (`nn.with_logical_partitioning`) and key activations logical constraints;
+`muse_jax/training/partitioning.py` maps them to a mesh.
 `dtype="bfloat16"` computes in bf16 with float32 parameters; `remat=True` rematerialises each
 block in the backward pass.
 """
@@ -34,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from muse_jax.models.layers import dot_product_attention
+from muse_jax.models.layers import ATTENTION_IMPLEMENTATIONS, dot_product_attention
 from muse_jax.models.layers import dtype as _dtype
 
 
@@ -60,6 +61,11 @@ class TransformerConfig:
     # token embeddings. Muse conditions through cross-attention only (False, the paper configs); the
     # aligned shortcut lets a small model learn the local upsampling in hundreds of steps, not thousands.
     lowres_add: bool = False
+    # How every attention of the stage is computed (`layers.dot_product_attention`'s implementation:
+    # "xla", "blockwise", "fused" or "auto") and the blockwise path's block length. The same function
+    # each way; blockwise keeps O(block^2) logits per head instead of [lq, lk] (4096^2 at 64x64 tokens).
+    attention: str = "xla"
+    attention_block_size: int = 512
 
     def __post_init__(self):
         for f in ("codebook_size", "grid_size", "num_layers", "width", "mlp_dim", "num_heads", "text_dim"):
@@ -75,6 +81,12 @@ class TransformerConfig:
                 f"lowres_grid_size ({self.lowres_grid_size})"
             )
         _dtype(self.dtype)
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"TransformerConfig.attention {self.attention!r}: expected one of {ATTENTION_IMPLEMENTATIONS}"
+            )
+        if int(self.attention_block_size) <= 0:
+            raise ValueError(f"TransformerConfig.attention_block_size must be positive, got {self.attention_block_size}")
 
     @property
     def is_superres(self) -> bool:
@@ -86,11 +98,13 @@ class TransformerConfig:
 
     @classmethod
     def coerce(cls, cfg: Any) -> TransformerConfig:
-        """From a TransformerConfig, dict or ConfigDict (unknown keys are an error)."""
+        """From a TransformerConfig, dict or ConfigDict (unknown keys are an error; a stage section's
+        `tokenizer`, the name of the tokenizer it reads, is not the model's and is ignored)."""
         if isinstance(cfg, cls):
             return cfg
         if hasattr(cfg, "to_dict"):
             cfg = cfg.to_dict()
+        cfg = {k: v for k, v in cfg.items() if k != "tokenizer"}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(cfg) - names)
         if unknown:
@@ -157,7 +171,9 @@ class Attention(nn.Module):
         # Adam would amplify into parameter drift).
         k = project("key", memory, "kv_length", bias=False)
         v = project("value", memory, "kv_length")
-        o = dot_product_attention(q, k, v, mask=mask)  # [b, h, lq, d]
+        o = dot_product_attention(
+            q, k, v, mask=mask, implementation=cfg.attention, block_size=cfg.attention_block_size
+        )  # [b, h, lq, d]
         if cfg.attention_dropout_rate > 0:
             o = nn.Dropout(cfg.attention_dropout_rate)(o, deterministic=self.deterministic)
         w_o = _param(self, "out_kernel", ("heads", "kv", "embed"), (h, d, e), _fan_in_init((0, 1), 2)).astype(dt)

@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from muse_jax import config as config_lib
-from muse_jax import distributed, precision
+from muse_jax import distributed, image_ops, precision
 from muse_jax import workdir as workdir_lib
+from muse_jax.data import image_text, sources, stage_data, token_cache
 from muse_jax.data import loader as loader_lib
-from muse_jax.data import sources, stage_data, token_cache
 from muse_jax.models import transformer as transformer_lib
 from muse_jax.training import checkpoint as ckpt_lib
-from muse_jax.training import partitioning, preview
+from muse_jax.training import online, partitioning, preview
 from muse_jax.training import state as state_lib
 from muse_jax.training import step as step_lib
 from muse_jax.training import writer as writer_lib
@@ -34,9 +34,13 @@ from muse_jax.training import writer as writer_lib
 log = logging.getLogger(__name__)
 
 
-def workdir_stage_data(config, workdir, stage: str) -> stage_data.StageData:
-    """What `stage` trains on from W: the token cache of the train split (built once with W's
-    tokenizer) and the captions as sentencepiece ids (joint T5) or frozen-T5 embeddings."""
+def workdir_stage_data(config, workdir, stage: str, mesh=None, rules=None) -> stage_data.StageData:
+    """What `stage` trains on from W. Shapes: the token cache of the train split (built once with W's
+    tokenizer) and the captions as sentencepiece ids (joint T5) or frozen-T5 embeddings. Real data
+    (`config.data.source`, muse_jax/data/image_text.py): streamed images and caption ids, tokenized
+    inside the step by the stage's tokenizers (`streaming_stage_data`)."""
+    if config.data.get("name") != "shapes":
+        return streaming_stage_data(config, workdir, stage, mesh, rules)
     source = sources.make_source(config.data, "train", workdir_lib.data_dir(workdir))
     stamp = {"data": config.data.to_dict(), "tokenizer": workdir_lib.tokenizer_identity(workdir)}
     tokenizer = workdir_lib.load_image_tokenizer(workdir)
@@ -49,6 +53,69 @@ def workdir_stage_data(config, workdir, stage: str) -> stage_data.StageData:
     else:
         text = stage_data.frozen_text_embeddings(config, spm, captions, workdir_lib.text_cache_dir(workdir))
     return stage_data.from_token_cache(config, stage, cache, text, tokenizer=tokenizer)
+
+
+def first_captions(config, num: int) -> list[str]:
+    """The first `num` training captions of this process's stream (trains the sentencepiece model)."""
+    batches = image_text.Batches(image_text.make_dataset(config.data, "train", image_size=8), min(num, 256))
+    out = []
+    while len(out) < num:
+        out += [str(c) for c in next(batches)["caption"]]
+    return out[:num]
+
+
+def streaming_stage_data(config, workdir, stage: str, mesh, rules) -> stage_data.StageData:
+    """Images and caption ids streamed from `config.data`, tokenized inside the step (training/online.py)
+    by each stage's tokenizer (`config.<stage>.tokenizer`: W/tokenizer/<name>); a frozen T5
+    (`config.text.trainable=False`, weights from `config.text.checkpoint`) runs there too."""
+    needed = ("base",) if stage == "base" else ("base", "superres")
+    tokenizers = {s: workdir_lib.load_image_tokenizer(workdir, name=workdir_lib.stage_tokenizer(config, s))
+                  for s in needed}
+    spm = workdir_lib.text_tokenizer(workdir, config.text, captions=lambda: first_captions(config, 2000))
+    text_encoder, encode_text = None, None
+    if not config.text.trainable:
+        from muse_jax.data import text as text_lib
+        from muse_jax.models import t5
+
+        if not config.text.get("checkpoint", ""):
+            raise ValueError("config.text.trainable=False needs config.text.checkpoint (a Hugging Face T5 "
+                             "checkpoint directory): a frozen, randomly initialised T5 cannot condition anything")
+        tcfg = t5.T5Config.coerce(config.text.encoder)
+        text_encoder = (t5.T5Encoder(tcfg), t5.load_hf(config.text.checkpoint, tcfg))
+        encode_text = text_lib.make_encode_fn(spm, text_encoder[0], text_encoder[1])
+    prepare = online.Prepare.build(config, stage, tokenizers, mesh=mesh, rules=rules, text_encoder=text_encoder)
+    size = prepare.image_size
+
+    def batches(local_batch: int):
+        inner = image_text.Batches(image_text.make_dataset(config.data, "train", image_size=size), local_batch)
+        return stage_data.TextBatches(inner, spm)
+
+    length = int(config.text.max_length)
+    example = {"image": np.zeros((size, size, 3), np.uint8), "text_ids": np.zeros((length,), np.int32),
+               "text_mask": np.zeros((length,), bool)}
+    empty_ids, empty_mask = spm([""])
+    empty = {"text_ids": empty_ids[0].astype(np.int32), "text_mask": empty_mask[0]}
+    if encode_text is not None:
+        emb, _ = encode_text([""])
+        empty = {"text_emb": np.asarray(emb)[0], "text_mask": empty_mask[0]}
+
+    # Preview examples: the first training batch, tokenized on the host.
+    k = int(config.train.num_samples)
+    first = next(image_text.Batches(image_text.make_dataset(config.data, "train", image_size=size), k))
+    images, prompts = first["image"], [str(c) for c in first["caption"]]
+    base_px = int(config.base.grid_size) * tokenizers["base"].factor
+    low = np.asarray(tokenizers["base"].encode(image_ops.downsample_area(images, size // base_px))).reshape(k, -1)
+    ids, mask = spm(prompts)
+    preview = {"text_ids": ids.astype(np.int32), "text_mask": mask}
+    if encode_text is not None:
+        preview = {"text_emb": np.asarray(encode_text(prompts)[0]), "text_mask": mask}
+    if stage == "base":
+        preview["tokens"] = low
+    else:
+        preview["tokens"] = np.asarray(tokenizers["superres"].encode(images)).reshape(k, -1)
+        preview["lowres_tokens"] = low
+    return stage_data.StageData(None, empty, preview, tokenizer=tokenizers[stage], prompts=prompts,
+                                batches=batches, example=example, prepare=prepare)
 
 
 def stage_config(config, stage: str):
@@ -99,8 +166,11 @@ def train_stage(
     local_batch = loader_lib.per_process_batch_size(int(t.batch_size))
 
     if data is None:
-        data = workdir_stage_data(config, workdir, stage)
-    it = iter(loader_lib.make_loader(data.source, batch_size=local_batch, seed=int(config.data.shuffle_seed)))
+        data = workdir_stage_data(config, workdir, stage, mesh, rules)
+    if data.source is not None:
+        it = iter(loader_lib.make_loader(data.source, batch_size=local_batch, seed=int(config.data.shuffle_seed)))
+    else:
+        it = data.batches(local_batch)
 
     model = workdir_lib.build_stage_model(config, stage)
     create, abstract, shardings = state_lib.state_setup(config, model, mesh, rules)
@@ -120,11 +190,10 @@ def train_stage(
     if start == 0 and t.get("init_from", ""):  # outside axis_rules: the loader places on its own device
         state = state_lib.warm_start(state, shardings, workdir, stage, str(t.init_from), quiet)
 
-    sample = data.source[0]
-    batch_keys = {k: np.asarray(v).ndim + 1 for k, v in sample.items()}
+    batch_keys = {k: np.asarray(v).ndim + 1 for k, v in data.first_example().items()}
     empty = {k: jnp.asarray(v) for k, v in data.empty_text.items()}
     train_step = step_lib.make_train_step(config, model, mesh, shardings, empty_text=empty, rules=rules,
-                                          batch_keys=batch_keys)
+                                          batch_keys=batch_keys, prepare=data.prepare)
 
     writer = writer_lib.MetricWriter(out_dir / "tb", console=not quiet)
     n_params = transformer_lib.count_params(state.params)
@@ -176,6 +245,8 @@ def train_stage(
                             scalars["perf/model_tflops_per_s"] = sps * flops_per_step / 1e12
                             if peak:
                                 scalars["perf/mfu"] = sps * flops_per_step / peak
+                        if hasattr(it, "metrics"):  # real data: skipped records by kind
+                            scalars.update(it.metrics())
                         writer.write_scalars(done, scalars)
                         bar.set_postfix(loss=f"{avg['loss']:.3f}", acc=f"{avg['accuracy']:.3f}")
                         t_log, steps_since = time.perf_counter(), 0
@@ -204,6 +275,7 @@ def train_stage(
     sec = float(np.median(steady)) if steady else float("nan")
     return {
         "stage": stage, "final_step": int(jax.device_get(state.step)), "losses": losses, "status": stopped,
+        "skipped": dict(getattr(it, "skipped", {}) or {}),
         "seconds_per_step": sec, "tokens_per_s": tokens_per_step / sec if step_times else float("nan"),
         "params": n_params, "state": state,
     }
@@ -217,6 +289,7 @@ def train(config, workdir, stages=config_lib.STAGES, quiet: bool = False) -> lis
         r.pop("state")
         out.append(r)
         if jax.process_index() == 0:
+            skipped = f", skipped records {r['skipped']}" if r["skipped"] else ""
             print(f"{stage}: {r['final_step']} steps, {r['seconds_per_step']:.3f} s/step, "
-                  f"{r['tokens_per_s']:.0f} tokens/s ({r['status']})")
+                  f"{r['tokens_per_s']:.0f} tokens/s ({r['status']}{skipped})")
     return out

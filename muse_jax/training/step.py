@@ -104,13 +104,16 @@ def make_loss_fn(config, model, empty_text: dict[str, jax.Array] | None = None) 
     return loss_fn
 
 
-def make_train_step(config, model, mesh, state_shardings, *, empty_text=None, rules=None, batch_keys=None):
+def make_train_step(config, model, mesh, state_shardings, *, empty_text=None, rules=None, batch_keys=None,
+                    prepare=None):
     """A jitted `(state, batch, rng) -> (state, metrics)` with named shardings, donated state.
 
     `state_shardings` is the TrainState of NamedShardings (partitioning.state_shardings);
-    the batch is sharded along the rules' batch axes, metrics are replicated. The returned
-    callable enters the mesh and the logical-axis rules around the call (for activation
-    constraints); `.jitted` is the bare jitted function.
+    the batch is sharded along the rules' batch axes, metrics are replicated. `prepare` (an
+    `online.Prepare`) turns the batch's images (and text ids) into tokens (and embeddings) inside
+    the step with its frozen parameters. The returned callable enters the mesh and the
+    logical-axis rules around the call (for activation constraints); `.jitted` is the bare
+    jitted function, `(state, batch, rng, frozen)`.
     """
     rules = partitioning.logical_rules(config) if rules is None else rules
     t = config.train
@@ -118,7 +121,9 @@ def make_train_step(config, model, mesh, state_shardings, *, empty_text=None, ru
     schedule = optimizer_lib.learning_rate_schedule(t)
     tx = optimizer_lib.make_optimizer(t)
 
-    def step(state: TrainState, batch, rng):
+    def step(state: TrainState, batch, rng, frozen):
+        if prepare is not None:
+            batch = prepare.fn(frozen, batch)
         rng = jax.random.fold_in(rng, state.step)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -143,14 +148,15 @@ def make_train_step(config, model, mesh, state_shardings, *, empty_text=None, ru
     jitted = precision.jit(
         step,
         t.get("matmul_precision", "default"),
-        in_shardings=(state_shardings, batch_sh, replicated),
+        in_shardings=(state_shardings, batch_sh, replicated, None if prepare is None else prepare.shardings),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
+    frozen = None if prepare is None else prepare.frozen
 
     def run(state, batch, rng):
         with partitioning.axis_rules(mesh, rules):
-            return jitted(state, batch, rng)
+            return jitted(state, batch, rng, frozen)
 
     run.jitted = jitted
     run.mesh = mesh

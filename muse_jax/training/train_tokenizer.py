@@ -17,8 +17,8 @@ import numpy as np
 from muse_jax import config as config_lib
 from muse_jax import image_ops
 from muse_jax import workdir as workdir_lib
+from muse_jax.data import image_text, shapes, sources
 from muse_jax.data import loader as loader_lib
-from muse_jax.data import shapes, sources
 from muse_jax.models import vqgan
 from muse_jax.models import vqgan_losses as losses
 from muse_jax.training import checkpoint as ckpt_lib
@@ -95,10 +95,37 @@ def evaluate(tokenizer: vqgan.ImageTokenizer, loader, max_batches: int | None = 
 # ---------------------------------------------------------------------------------------
 
 
-def train(config, workdir, *, num_steps: int | None = None, quiet: bool = False) -> dict[str, float]:
-    """Trains (or resumes) the tokenizer in W/tokenizer; returns the final test evaluation."""
+def _is_shapes(config) -> bool:
+    return config.data.get("name") == "shapes"
+
+
+def train_batches(config, workdir, image_size: int, batch_size: int):
+    """This process's training batches of `image_size` images (a checkpointable iterator)."""
+    if _is_shapes(config):
+        source = sources.make_source(config.data, "train", workdir_lib.data_dir(workdir))
+        if source[0]["image"].shape[0] != image_size:
+            raise ValueError(f"config.train_tokenizer.image_size={image_size}, but the shapes images are "
+                             f"{source[0]['image'].shape[0]} px")
+        return iter(loader_lib.make_loader(source, batch_size=batch_size, seed=config.data.shuffle_seed))
+    return image_text.Batches(image_text.make_dataset(config.data, "train", image_size=image_size), batch_size)
+
+
+def eval_batches(config, workdir, image_size: int, batch_size: int):
+    """The test split in batches for the final evaluation; None for real data without eval files."""
+    if _is_shapes(config):
+        source = sources.make_source(config.data, "test", workdir_lib.data_dir(workdir))
+        return loader_lib.make_loader(source, batch_size=batch_size, shuffle=False, num_epochs=1, drop_remainder=False)
+    if config.data.source != "tfds" and not config.data.get("eval_files", ""):
+        return None
+    return image_text.Batches(image_text.make_dataset(config.data, "eval", image_size=image_size), batch_size)
+
+
+def train(config, workdir, *, name: str = "", num_steps: int | None = None, quiet: bool = False) -> dict[str, float]:
+    """Trains (or resumes) the tokenizer in W/tokenizer (or W/tokenizer/<name>, with the sections of
+    `config.tokenizers.<name>`); returns the final test evaluation."""
     workdir = workdir_lib.path(workdir)
-    tok_dir = workdir_lib.tokenizer_dir(workdir)
+    config = config_lib.tokenizer_config(config, name)
+    tok_dir = workdir_lib.tokenizer_dir(workdir, name)
     tok_dir.mkdir(parents=True, exist_ok=True)
     tcfg = config.train_tokenizer
     vcfg = vqgan.VQGANConfig.from_dict(config.vqgan)
@@ -126,9 +153,7 @@ def train(config, workdir, *, num_steps: int | None = None, quiet: bool = False)
     rules = partitioning.logical_rules(config)
     partitioning.check_batch_divides(tcfg.batch_size, mesh, rules)
     local_batch = loader_lib.per_process_batch_size(tcfg.batch_size)
-    train_source = sources.make_source(config.data, "train", workdir_lib.data_dir(workdir))
-    loader = loader_lib.make_loader(train_source, batch_size=local_batch, seed=config.data.shuffle_seed)
-    it = iter(loader)
+    it = train_batches(config, workdir, image_size, local_batch)
 
     # State, sharded by the logical-axis rules.
     model, disc, tx, dtx, create_state = tokenizer_lib.build(vcfg, tcfg, image_size)
@@ -175,6 +200,8 @@ def train(config, workdir, *, num_steps: int | None = None, quiet: bool = False)
                     metrics["steps_per_s"] = tcfg.log_every / max(now - last_log, 1e-9)
                     last_log = now
                     writer.write_scalars(done, {f"train/{k}": v for k, v in metrics.items()})
+                    if hasattr(it, "metrics"):  # real data: skipped records by kind
+                        writer.write_scalars(done, it.metrics())
                     if hasattr(bar, "set_postfix"):
                         bar.set_postfix(psnr=f"{float(metrics['psnr']):.2f}", usage=f"{float(metrics['usage']):.2f}")
                 ckpt.save(done, state, data_iterator=it, force=done == num_steps)
@@ -185,16 +212,20 @@ def train(config, workdir, *, num_steps: int | None = None, quiet: bool = False)
         train_time = time.time() - t0
 
         # Final evaluation on the test split.
-        test_source = sources.make_source(config.data, "test", workdir_lib.data_dir(workdir))
-        eval_loader = loader_lib.make_loader(
-            test_source, batch_size=tcfg.eval_batch_size, shuffle=False, num_epochs=1, drop_remainder=False
-        )
-        tokenizer = vqgan.ImageTokenizer(vcfg, jax.device_get(state.params))
-        result, (originals, recons) = evaluate(tokenizer, eval_loader, tcfg.eval_max_batches or None)
-        result.update(step=int(state.step), train_seconds=train_time)
-        writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in result.items() if k != "step"})
-        writer.write_images(int(state.step), {"eval/originals": originals, "eval/reconstructions": recons})
+        eval_loader = eval_batches(config, workdir, image_size, tcfg.eval_batch_size)
+        result = {"step": int(state.step), "train_seconds": train_time}
+        if eval_loader is None:
+            print("tokenizer: no config.data.eval_files, so no final evaluation")
+        else:
+            tokenizer = vqgan.ImageTokenizer(vcfg, jax.device_get(state.params))
+            metrics, (originals, recons) = evaluate(tokenizer, eval_loader, tcfg.eval_max_batches or None)
+            result.update(metrics)
+            writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in result.items() if k != "step"})
+            writer.write_images(int(state.step), {"eval/originals": originals, "eval/reconstructions": recons})
         writer.close()
+    if getattr(it, "skipped", None):
+        result["skipped"] = dict(it.skipped)
+        print(f"tokenizer: skipped records {result['skipped']}")
     if jax.process_index() == 0:
         (tok_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

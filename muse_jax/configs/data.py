@@ -1,0 +1,54 @@
+"""The `config.data` section for real image-text data: `get_config(source)`.
+
+    config.data = data.get_config("parquet")     # or "folder", "tfds", "webdataset"
+    muse-jax train ... --config.data.train_files='/data/laion/{00000..00099}.parquet'
+
+Read by muse_jax/data/image_text.py (`make_dataset`, `Batches`). Fields the user must give
+default to "" and are refused by make_dataset with a message naming them. File fields take a
+pattern, a list of them, or several separated by whitespace or "::": brace ranges
+(`{00000..00099}`), globs, local paths or gs:// URIs (muse_jax.paths.expand).
+"""
+import ml_collections
+
+SOURCES = ("folder", "parquet", "tfds", "webdataset")
+
+
+def get_config(source="parquet"):
+    source = source or "parquet"
+    if source not in SOURCES:
+        raise ValueError(f"data source {source!r}: expected one of {SOURCES}")
+    d = ml_collections.ConfigDict()
+    d.name = "image_text"  # anything but "shapes" (which muse_jax/configs/shapes.py's data section reads)
+    # "folder": folders of images + captions.jsonl lines {"file", "caption"} (`muse-jax data shapes --out`);
+    # "parquet": image bytes + caption columns (Hugging Face datasets' parquet files);
+    # "tfds": a tfds dataset prepared in array_record format (e.g. coco_captions), read without TF;
+    # "webdataset": tar shards of {key}.jpg + {key}.txt members.
+    d.source = source
+    d.train_files = ""  # folder / parquet / webdataset: what to read (required)
+    d.eval_files = ""  # the same for the eval split (required only when an eval split is read)
+    # Parquet columns / tfds features. Parquet images: binary or Hugging Face's {"bytes", "path"} struct.
+    # tfds keys may be nested: "captions/text" is the text of each entry of the captions sequence.
+    d.image_key = {"parquet": "image", "tfds": "image"}.get(source, "")
+    # The caption column / feature; webdataset: a sample's .txt member, else this field of its .json.
+    # When it holds several captions (COCO: 5 per image), one is drawn per example and epoch.
+    d.caption_key = {"parquet": "text", "tfds": "captions/text", "webdataset": "caption"}.get(source, "")
+    d.tfds_name = "coco_captions" if source == "tfds" else ""  # tfds: "name", "name/config" or "name:version"
+    d.tfds_data_dir = ""  # tfds: where it is prepared ("" = tfds's default, $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    d.tfds_train_split = "train"  # tfds split names; slices such as "train[:90%]" work
+    d.tfds_eval_split = "val"  # coco_captions has train, val, test and restval
+
+    # Pixels: the shorter side is resized to image_size (antialiased) and a square cropped from it.
+    # image_size is the largest stage's pixel size; smaller stages area-downsample these images.
+    d.image_size = 256
+    d.min_size = 0  # skip images whose shorter side is below this (0 = keep all; e.g. image_size // 2)
+    d.max_aspect_ratio = 0.0  # skip images with long / short side above this (0 = keep all; e.g. 2.0)
+    d.random_crop = False  # a random square along the long side (seeded per image and epoch), not the centre
+
+    # Order: each process reads its own share, shuffled anew every epoch (train repeats forever).
+    d.shuffle_seed = 0  # also seeds random crops and the caption drawn from several
+    d.shuffle_buffer = 1000  # webdataset: examples held for shuffling after reading shards in random order
+    # Decoding processes per host (grain mp_prefetch); 0: decode in the training process's threads.
+    # benchmarks/input_pipeline.py measures images/s per worker: a muse_632m step on an H100 uses ~330 images/s.
+    d.workers = 0
+    d.batch_size = 32  # as in the shapes section (the training batch itself is config.train.batch_size)
+    return d
