@@ -44,7 +44,7 @@ def compiled_train_step(shape: common.ModelShape, seed: int = 0, matmul: str | N
     holder = {"state": state}
 
     def call():
-        holder["state"], metrics = compiled(holder["state"], batch, rng)
+        holder["state"], metrics = compiled(holder["state"], batch, rng, None)
         return metrics
 
     return call, compiled

@@ -137,7 +137,7 @@ def run(shape: common.ModelShape, args: argparse.Namespace) -> dict:
     holder = {"state": state, "metrics": None}
 
     def one_step():
-        holder["state"], holder["metrics"] = compiled(holder["state"], batch, rng)
+        holder["state"], holder["metrics"] = compiled(holder["state"], batch, rng, None)
         return holder["state"], holder["metrics"]
 
     times = common.time_calls(one_step, jax.block_until_ready, args.steps, args.warmup)

@@ -17,6 +17,16 @@ def _data_shapes(args, overrides):
     print(f"wrote {args.num} {args.split} images and captions.jsonl to {out}")
 
 
+def _data_tokenize(args, overrides):
+    from muse_jax import config as config_lib
+    from muse_jax import distributed
+    from muse_jax.training import tokenize
+
+    cfg = config_lib.load_config(args.config, overrides)
+    distributed.initialize(cfg)  # multi-host: every process tokenizes its own share
+    tokenize.run(cfg, args.workdir, args.split, out=args.out, chunk_size=args.chunk_size, batch_size=args.batch_size)
+
+
 def _eval(args, overrides):
     floats = lambda text: [float(v) for v in text.split(",") if v] if text else []
     if args.prompts:  # zero-shot FID and CLIP score on a caption set
@@ -67,6 +77,15 @@ def _train_tokenizer(args, overrides):
             f"usage={result['usage']:.1%} perplexity={result['perplexity']:.1f} "
             f"palette_acc={result['palette_acc']:.4f} ({result['train_seconds']:.0f}s training)"
         )
+
+
+def _import_tokenizer(args, overrides):
+    from muse_jax import workdir as workdir_lib
+
+    out = workdir_lib.import_diffusers_tokenizer(args.workdir, args.diffusers, name=args.tokenizer,
+                                                 image_size=args.image_size)
+    tok = workdir_lib.load_image_tokenizer(args.workdir, name=args.tokenizer)
+    print(f"imported {args.diffusers} into {out}: f{tok.factor}, {tok.codebook_size} codes, {args.image_size} px")
 
 
 def _train(args, overrides):
@@ -177,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "test"], default="train")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_data_shapes)
+    p = data.add_parser("tokenize", help="compute each stage's tokens of config.data once into W/tokens/SPLIT "
+                        "(then train on them with --config.data.source=tokens)")
+    p.add_argument("--config", required=True, help="config name or path (its data section is read)")
+    p.add_argument("--workdir", required=True, help="a workdir with the stages' tokenizers")
+    p.add_argument("--split", choices=["train", "eval"], default="train")
+    p.add_argument("--out", help="output folder (default: config.data.tokens_dir for train, else W/tokens/SPLIT)")
+    p.add_argument("--chunk-size", type=int, default=4096,
+                   help="records per ArrayRecord file: a killed run resumes after its last complete chunk")
+    p.add_argument("--batch-size", type=int, default=64, help="images encoded at once by each process")
+    p.set_defaults(fn=_data_tokenize)
 
     p = sub.add_parser("eval", help="score a trained workdir: alignment, FID, tokenizer, sweeps; with --prompts, "
                        "zero-shot FID and CLIP score on a caption set")
@@ -240,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a tokenizer of config.tokenizers (one per stage) into W/tokenizer/NAME; 'all': each "
                         "of them; default: the shared tokenizer in W/tokenizer")
     p.set_defaults(fn=_train_tokenizer)
+
+    p = sub.add_parser("import-tokenizer", help="a diffusers VQModel folder (e.g. aMUSEd's vqvae) as W's tokenizer")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--diffusers", required=True, help="a saved diffusers VQModel folder (config.json + weights)")
+    p.add_argument("--tokenizer", default="", help="its name (W/tokenizer/NAME, as config.<stage>.tokenizer says)")
+    p.add_argument("--image-size", type=int, default=256, help="the pixel size it tokenizes (256 for the base)")
+    p.set_defaults(fn=_import_tokenizer)
 
     p = sub.add_parser("train", help="train the base and/or super-resolution transformer into W/<stage>")
     p.add_argument("--workdir", required=True)

@@ -155,6 +155,25 @@ def load_image_tokenizer(workdir, step: int | None = None, mesh=None, name: str 
     return vqgan.ImageTokenizer(config, tree["params"], mesh=mesh)
 
 
+def import_diffusers_tokenizer(workdir, diffusers_dir, *, name: str = "", image_size: int = 256):
+    """Writes a diffusers VQModel folder (e.g. aMUSEd's f16 `vqvae`) as W's tokenizer `name`: its
+    config.json and a parameters-only checkpoint, loaded by `load_image_tokenizer` like a trained one."""
+    from muse_jax.models import vqgan_diffusers
+
+    out = tokenizer_dir(workdir, name)
+    if checkpoint_steps(workdir, _tokenizer_stage(name)):
+        raise ValueError(f"{out} already holds a tokenizer; import into a fresh name or workdir")
+    config, params = vqgan_diffusers.load_diffusers_dir(diffusers_dir, image_size)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"vqgan": config.to_dict(), "train_tokenizer": {"imported_from": str(diffusers_dir)},
+            "image_size": int(image_size)}
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    ckpt = ckpt_lib.Checkpointer(checkpoint_dir(workdir, _tokenizer_stage(name)), async_save=False)
+    ckpt.save(0, {"params": nn.unbox(params)}, force=True)
+    ckpt.close()
+    return out
+
+
 def _tokenizer_stage(name: str) -> str:
     return f"{TOKENIZER}/{name}" if name else TOKENIZER
 
@@ -194,6 +213,9 @@ def text_tokenizer(workdir, text_config, captions=None) -> text_lib.TextTokenize
             raise FileNotFoundError(f"config.text.spm_model={text_config.spm_model} does not exist")
         if captions is None:
             raise FileNotFoundError(f"{p} does not exist (it is trained with the first stage: run `muse-jax train`)")
+        if not text_config.get("trainable", True):
+            raise ValueError("config.text.trainable=False needs config.text.spm_model, the sentencepiece model of the "
+                             "pretrained T5 (its ids mean nothing to the T5 otherwise)")
         text_lib.train_sentencepiece(captions(), p, text_config.vocab_size, text_config.get("spm_model_type", "bpe"))
     return text_lib.TextTokenizer(p, text_config.max_length)
 

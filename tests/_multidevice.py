@@ -10,7 +10,7 @@ import textwrap
 def run_with_devices(code: str, n: int = 8, timeout: float = 240, env: dict | None = None) -> str:
     """Runs `code` with `n` CPU devices; returns stdout; fails the test with stderr on error."""
     full_env = dict(os.environ)
-    full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+    full_env["XLA_FLAGS"] = f"{full_env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
     full_env["JAX_PLATFORMS"] = "cpu"
     full_env.update(env or {})
     proc = subprocess.run(

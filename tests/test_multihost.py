@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import conftest
 import numpy as np
 import pytest
 
@@ -56,14 +57,14 @@ from muse_jax.training import loop
 
 mode, workdir, out = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
 crash_step = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-stage = os.environ["STAGE"]
-data = stage_data.synthetic(config, stage, num=64)
+stages = os.environ["STAGES"].split(",")
 seed = int(config.data.shuffle_seed)
 
 # each process reads only its own shard of the records
 shard = loader.process_shard()
 assert (shard.shard_index, shard.shard_count) == (info.process_index, info.process_count), shard
 
+perm = None
 if mode == "reference":
     # Feed the single process the global batches the 2-process job assembles: read the record
     # order of each process's shard and of the 1-process loader, and permute the source so the
@@ -83,7 +84,6 @@ if mode == "reference":
     one = np.concatenate(order(0, 1, 8))
     assert sorted(global_seq) == sorted(one) == list(range(64))
     perm = np.empty(64, int); perm[one] = global_seq
-    data.source = sources.ArraySource({k: v[perm] for k, v in data.source.arrays.items()})
 
 losses = {}
 real_make = loop.step_lib.make_train_step
@@ -92,7 +92,7 @@ def make_train_step(*args, **kwargs):
     def wrapped(state, batch, rng):
         step = int(jax.device_get(state.step)) + 1
         if step == crash_step and info.process_index == 1:
-            ckpt = workdir / stage / "checkpoints" / str(step - 1)
+            ckpt = workdir / "base" / "checkpoints" / str(step - 1)
             t0 = time.time()
             while not ckpt.is_dir() and time.time() - t0 < 30:   # the previous checkpoint is final
                 time.sleep(0.1)
@@ -106,29 +106,34 @@ def make_train_step(*args, **kwargs):
     return wrapped
 loop.step_lib.make_train_step = make_train_step
 
-summary = loop.train_stage(config, workdir, stage, data=data, quiet=True)
-params = multihost_utils.process_allgather(summary["state"].params, tiled=True)
-flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
-if info.process_index == 0:
-    np.savez(out / "params.npz", **flat)
-    (out / "result.json").write_text(json.dumps({"losses": losses, "final_step": summary["final_step"],
-                                                 "devices": jax.device_count()}))
+for stage in stages:  # the super-res stage starts from the base trained just before (init_from)
+    data = stage_data.synthetic(config, stage, num=64)
+    if perm is not None:
+        data.source = sources.ArraySource({k: v[perm] for k, v in data.source.arrays.items()})
+    losses.clear()
+    summary = loop.train_stage(config, workdir, stage, data=data, quiet=True)
+    params = multihost_utils.process_allgather(summary["state"].params, tiled=True)
+    flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    if info.process_index == 0:
+        np.savez(out / f"params_{stage}.npz", **flat)
+        (out / f"result_{stage}.json").write_text(json.dumps({"losses": losses, "final_step": summary["final_step"],
+                                                              "devices": jax.device_count()}))
 '''
 
 
-def _launch(args, tmp_path, name, *, processes=2, timeout=300, wait_all=False, stage="base"):
+def _launch(args, tmp_path, name, *, processes=2, timeout=300, wait_all=False, stages="base,superres"):
     """Runs the worker with launch/local.sh (or directly for 1 process); kills everything on timeout."""
     worker = tmp_path / "worker.py"
     if not worker.exists():
         worker.write_text(WORKER)
     logs = tmp_path / f"logs_{name}"
-    env = dict(os.environ, OVERRIDES=json.dumps(OVERRIDES), PYTHON=sys.executable, JAX_PLATFORMS="cpu", STAGE=stage)
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, OVERRIDES=json.dumps(OVERRIDES), PYTHON=sys.executable, JAX_PLATFORMS="cpu", STAGES=stages)
+    env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS  # local.sh adds the device count
     # the crash and resume launches compile the same programs: share a compilation cache
     env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     if processes == 1:
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
         cmd = [sys.executable, str(worker), *args]
     else:
         cmd = ["bash", str(LOCAL_SH), "-n", str(processes), "-d", "2", "-t", str(timeout - 10), "-l", str(logs),
@@ -151,10 +156,10 @@ def _launch(args, tmp_path, name, *, processes=2, timeout=300, wait_all=False, s
     return proc.returncode, output, logs_text, time.monotonic() - t0
 
 
-def _result(out):
-    r = json.loads((out / "result.json").read_text())
+def _result(out, stage="base"):
+    r = json.loads((out / f"result_{stage}.json").read_text())
     r["losses"] = {int(k): v for k, v in r["losses"].items()}
-    with np.load(out / "params.npz") as z:
+    with np.load(out / f"params_{stage}.npz") as z:
         r["params"] = {k: z[k] for k in z.files}
     return r
 
@@ -180,7 +185,8 @@ def test_two_processes_crash_resume_match_single_process(tmp_path):
     ref_out.mkdir(), mh_out.mkdir()
     (tmp_path / "worker.py").write_text(WORKER)
 
-    # 1) reference: one process, 4 devices, 4 uninterrupted steps (runs while 2) waits for the heartbeat)
+    # 1) reference: one process, 4 devices, 4 uninterrupted base steps then 2 super-res steps from that
+    #    base (runs while 2) waits for the heartbeat)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         reference = pool.submit(_launch, ["reference", str(tmp_path / "ref_wd"), str(ref_out)], tmp_path, "ref",
                                 processes=1)
@@ -189,7 +195,7 @@ def test_two_processes_crash_resume_match_single_process(tmp_path):
         #    by itself (launch with -w: local.sh does not stop it) with a clear message, not hang.
         wd = tmp_path / "mh_wd"
         rc, output, logs, seconds = _launch(["multihost", str(wd), str(mh_out), "3"], tmp_path, "crash",
-                                            wait_all=True, timeout=300)
+                                            wait_all=True, timeout=300, stages="base")
         ref_rc, ref_output, _, _ = reference.result()
     assert ref_rc == 0, ref_output[-4000:]
     ref = _result(ref_out)
@@ -206,7 +212,7 @@ def test_two_processes_crash_resume_match_single_process(tmp_path):
         np.testing.assert_allclose(first[s], ref["losses"][s], rtol=1e-5)
     assert (wd / "base" / "checkpoints" / "2").is_dir()
 
-    # 3) restart both processes: resume from step 2, finish, match the reference
+    # 3) restart both processes: resume the base from step 2, finish, match the reference; then
     rc, output, logs, _ = _launch(["multihost", str(wd), str(mh_out)], tmp_path, "resume")
     assert rc == 0, output[-4000:] + "\n".join(logs.values())[-4000:]
     mh = _result(mh_out)
@@ -218,16 +224,9 @@ def test_two_processes_crash_resume_match_single_process(tmp_path):
     assert not any(np.array_equal(ref["params"][k], np.zeros_like(ref["params"][k])) for k in ref["params"]
                    if "kernel" in k)
 
-    # 4) the super-res stage of each workdir, warm-started from its base: 2 processes (each reads
-    #    the base whole and places it on the data=2 x fsdp=2 mesh) vs 1 process on 4 devices
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        reference = pool.submit(_launch, ["reference", str(tmp_path / "ref_wd"), str(ref_out)], tmp_path,
-                                "ref_sr", processes=1, stage="superres")
-        rc, output, logs, _ = _launch(["multihost", str(wd), str(mh_out)], tmp_path, "sr", stage="superres")
-        ref_rc, ref_output, _, _ = reference.result()
-    assert ref_rc == 0, ref_output[-4000:]
-    assert rc == 0, output[-4000:] + "\n".join(logs.values())[-4000:]
-    ref_sr, mh_sr = _result(ref_out), _result(mh_out)
+    # 4) ... the super-res stage, warm-started from the base just trained (each process reads the base
+    #    whole and places it on the data=2 x fsdp=2 mesh): 2 processes vs 1 process on 4 devices
+    ref_sr, mh_sr = _result(ref_out, "superres"), _result(mh_out, "superres")
     assert sorted(mh_sr["losses"]) == sorted(ref_sr["losses"]) == [1, 2]
     for s in (1, 2):
         np.testing.assert_allclose(mh_sr["losses"][s], ref_sr["losses"][s], rtol=1e-5)

@@ -93,3 +93,14 @@ def test_paper_configs_have_real_data_and_a_tokenizer_per_stage():
         assert cfg.base.grid_size * f(base) == 256
         if name == "superres_268m":
             assert cfg.superres.grid_size * f(sr) == 512 and cfg.superres.lowres_grid_size == cfg.base.grid_size
+
+
+def test_a_frozen_t5_needs_its_checkpoint_and_sentencepiece_model(tmp_path):
+    from muse_jax.data import stage_data
+
+    cfg = config_lib.load_config("shapes", ["--config.text.trainable=False"])
+    with pytest.raises(ValueError, match="needs config.text.checkpoint"):
+        stage_data.frozen_text_embeddings(cfg, None, ["a caption"], tmp_path)
+    with pytest.raises(ValueError, match="needs config.text.spm_model"):
+        workdir_lib.text_tokenizer(tmp_path, cfg.text, captions=lambda: ["a caption"])
+    assert not (tmp_path / "text").exists()  # no vocabulary was trained for the pretrained T5

@@ -7,10 +7,11 @@ import subprocess
 import sys
 import types
 
+import conftest
 import pytest
+from _multidevice import run_with_devices
 
 from muse_jax import planning
-from tests._multidevice import run_with_devices
 
 SMALL = [
     "--config.base.num_layers=2", "--config.base.width=256", "--config.base.mlp_dim=1024",
@@ -202,7 +203,7 @@ def test_plan_cli(tmp_path):
             "--batch-size", "8", "--json", str(out), "--config.base.num_layers=1", "--config.text.trainable=False",
             "--config.base.text_dim=16"]
     proc = subprocess.run([sys.executable, "-m", "muse_jax.cli", "plan", *args], capture_output=True, text=True,
-                          timeout=300, env={k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"})
+                          timeout=300, env={**__import__("os").environ, "XLA_FLAGS": conftest.TEST_XLA_FLAGS})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tpu_v5e (TPU v5e" in proc.stdout and "mesh data=2,fsdp=1,tensor=2 (4 devices)" in proc.stdout
     p = json.loads(out.read_text())

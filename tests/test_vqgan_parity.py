@@ -76,3 +76,24 @@ def test_load_diffusers_rejects_mismatched_weights():
     del sd["decoder.conv_out.bias"]
     with pytest.raises(ValueError, match="missing.*decoder/conv_out/bias"):
         vqgan_diffusers.load_diffusers(sd, cfg, image_size=16)
+
+
+def test_import_into_a_workdir_as_a_named_tokenizer(tmp_path, capsys):
+    """`muse-jax import-tokenizer`: the saved VQModel becomes W/tokenizer/base, encoding as diffusers does."""
+    from muse_jax import cli
+    from muse_jax import workdir as workdir_lib
+
+    model = _diffusers_model(False, 3)
+    model.save_pretrained(str(tmp_path / "vq"))
+    w = tmp_path / "W"
+    args = ["import-tokenizer", "--workdir", str(w), "--diffusers", str(tmp_path / "vq"), "--tokenizer", "base",
+            "--image-size", "32"]
+    assert cli.main(args) == 0
+    assert "f4, 64 codes, 32 px" in capsys.readouterr().out
+    tok = workdir_lib.load_image_tokenizer(w, name="base")
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    with torch.no_grad():
+        h = model.encode(torch.from_numpy(x.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)).latents
+        ref = model.quantize(h)[2][2].reshape(2, 8, 8).numpy()
+    np.testing.assert_array_equal(np.asarray(tok.encode(x)), ref)
+    assert cli.main(args) == 2 and "already holds a tokenizer" in capsys.readouterr().err

@@ -51,4 +51,7 @@ def get_config(source="parquet"):
     # benchmarks/input_pipeline.py measures images/s per worker: a muse_632m step on an H100 uses ~330 images/s.
     d.workers = 0
     d.batch_size = 32  # as in the shapes section (the training batch itself is config.train.batch_size)
+    # `muse-jax data tokenize` computes each stage's tokens of this data once (muse_jax/training/tokenize.py);
+    # then `--config.data.source=tokens` trains on them, read from tokens_dir ("" = W/tokens/train).
+    d.tokens_dir = ""
     return d

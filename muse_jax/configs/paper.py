@@ -56,6 +56,11 @@ def get_config(arg=None):
         config[name].tokenizer = name
         config[name].codebook_size = 8192
     config.base.grid_size = 16  # the super-res stage's low-res tokens are the base stage's
+    # Decoding (Muse 2.7, 2.8): 24 base steps for 256 tokens, 8 super-res steps for 4096, the guidance
+    # scale ramped up linearly over the steps (its value is a quality/diversity choice: sweep it).
+    config.sample.steps = 24
+    config.sample.sr_steps = 8
+    config.sample.guidance_schedule = "linear"
     if stage == "superres":  # 4096 tokens: the full attention matrix would be ~1 GiB per example and layer
         s.attention = "blockwise"
     config.train.batch_size = 512

@@ -20,9 +20,10 @@ dataset) is read by `sources.make_source` instead, and refused here.
 Map-style sources (folder, parquet, tfds): each process reads its own disjoint share (record i of
 the folder or tfds split when i % process_count == process_index; parquet: every process_count-th
 row group), in an order shuffled anew each epoch, forever for "train" and one pass in file order
-for the eval split. Decoding runs in `config.data.workers` grain worker processes (0: in this
-process's reading threads). A bad record reaches `Batches` as a placeholder with its skip kind,
-where it is dropped and counted, so that every batch is full and the position exact.
+for the eval split (or for any split with `ordered=True`). Decoding runs in `config.data.workers`
+grain worker processes (0: in this process's reading threads). A bad record reaches `Batches` as
+a placeholder with its skip kind, where it is dropped and counted, so that every batch is full
+and the position exact.
 """
 from __future__ import annotations
 
@@ -100,12 +101,15 @@ def options_from_config(data_config, *, image_size: int | None = None, seed: int
 
 
 def make_dataset(data_config, split: str, *, image_size: int | None = None, seed: int | None = None,
-                 process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+                 process_index: int | None = None, process_count: int | None = None,
+                 ordered: bool = False) -> grain.IterDataset:
     """This process's preprocessed examples of `split` ("train": forever; "eval"/"test": one pass).
 
     Examples: {"image": uint8 [S, S, 3], "caption": str, "key": str, "skip": "" | kind}; bad records
     keep their place with `skip` set (`Batches` drops and counts them). `image_size` defaults to
-    config.data.image_size, `seed` to config.data.shuffle_seed, the process to JAX's.
+    config.data.image_size, `seed` to config.data.shuffle_seed, the process to JAX's. `ordered`:
+    one pass in a fixed order whatever the split (the eval split's order; webdataset: no shuffle
+    buffer), for jobs that read a split once, such as `muse-jax data tokenize`.
     """
     if data_config.get("name") == "shapes":
         raise ValueError("config.data.name='shapes' is read by muse_jax.data.sources.make_source, not image_text")
@@ -117,6 +121,7 @@ def make_dataset(data_config, split: str, *, image_size: int | None = None, seed
     for name in REQUIRED[source]:
         _required(data_config, name, source)
     kind = _split_kind(split)
+    one_pass = ordered or kind != "train"
     options = options_from_config(data_config, image_size=image_size, seed=seed)
     if process_index is None or process_count is None:
         import jax
@@ -130,16 +135,17 @@ def make_dataset(data_config, split: str, *, image_size: int | None = None, seed
         from muse_jax.data import webdataset
 
         files, _ = _files(data_config, kind, source)
-        ds = webdataset.dataset(files, seed=options.seed, shuffle_buffer=int(_field(data_config, "shuffle_buffer", source)),
+        shuffle_buffer = 0 if ordered else int(_field(data_config, "shuffle_buffer", source))
+        ds = webdataset.dataset(files, seed=options.seed, shuffle_buffer=shuffle_buffer,
                                 process_index=process_index, process_count=process_count,
-                                caption_key=data_config.caption_key, num_epochs=None if kind == "train" else 1)
+                                caption_key=data_config.caption_key, num_epochs=1 if one_pass else None)
         ds = ds.map(functools.partial(preprocess.example, options=options))
     else:
         records, block_sizes = _map_source(data_config, source, kind, process_index, process_count)
         if len(records) == 0:
             raise ValueError(f"config.data: process {process_index} of {process_count} has no {split} records "
                              f"(source={source!r})")
-        ds = _ordered(records, block_sizes, kind, options.seed)
+        ds = _ordered(records, block_sizes, "eval" if one_pass else kind, options.seed)
         ds = ds.map_with_index(functools.partial(_prepare, options=options, epoch_length=len(records)))
         ds = ds.to_iter_dataset(READ_OPTIONS)
     if workers > 0:

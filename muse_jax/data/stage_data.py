@@ -92,25 +92,19 @@ def sentencepiece_inputs(spm, captions) -> TextInputs:
 def frozen_text_embeddings(config, spm, captions, cache_dir) -> TextInputs:
     """A frozen T5's embeddings of the captions, computed once into `cache_dir` (data/text_cache.py).
 
-    Parameters from `config.text.checkpoint` (Hugging Face T5, converted by `t5.load_hf`); without
-    one, a random T5 with seed `config.seed` (only useful for tests and benchmarks).
+    Parameters from `config.text.checkpoint` (a Hugging Face T5, converted by `t5.load_hf`): required,
+    since a frozen, randomly initialised T5 conditions nothing.
     """
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
     from muse_jax.data import text as text_lib
     from muse_jax.data import text_cache
     from muse_jax.models import t5
 
+    if not config.text.get("checkpoint", ""):
+        raise ValueError("config.text.trainable=False needs config.text.checkpoint (a Hugging Face T5 checkpoint "
+                         "directory): a frozen, randomly initialised T5 cannot condition anything")
     tcfg = t5.T5Config.coerce(config.text.encoder)
     encoder = t5.T5Encoder(tcfg)
-    if config.text.get("checkpoint", ""):
-        params = t5.load_hf(config.text.checkpoint, tcfg)
-    else:
-        log.warning("config.text.checkpoint is empty: caching embeddings of a randomly initialised T5")
-        ids = jnp.ones((1, int(config.text.max_length)), jnp.int32)
-        params = nn.unbox(jax.jit(encoder.init)(jax.random.key(int(config.seed)), ids)["params"])
+    params = t5.load_hf(config.text.checkpoint, tcfg)
     encode = text_lib.make_encode_fn(spm, encoder, params, batch_size=64)
     identity = text_cache.encoder_identity(tcfg.to_dict(), params, spm, int(config.text.max_length))
     cache = text_cache.build_or_load(cache_dir, captions, encode, identity, dtype=config.text.get("cache_dtype", "float32"))

@@ -22,13 +22,14 @@ import numpy as np
 from muse_jax import config as config_lib
 from muse_jax import distributed, image_ops, precision
 from muse_jax import workdir as workdir_lib
-from muse_jax.data import image_text, sources, stage_data, token_cache
+from muse_jax.data import image_text, sources, stage_data, token_cache, token_shards
 from muse_jax.data import loader as loader_lib
 from muse_jax.models import transformer as transformer_lib
 from muse_jax.training import checkpoint as ckpt_lib
 from muse_jax.training import online, partitioning, preview
 from muse_jax.training import state as state_lib
 from muse_jax.training import step as step_lib
+from muse_jax.training import tokenize as tokenize_lib
 from muse_jax.training import writer as writer_lib
 
 log = logging.getLogger(__name__)
@@ -67,22 +68,15 @@ def first_captions(config, num: int) -> list[str]:
 def streaming_stage_data(config, workdir, stage: str, mesh, rules) -> stage_data.StageData:
     """Images and caption ids streamed from `config.data`, tokenized inside the step (training/online.py)
     by each stage's tokenizer (`config.<stage>.tokenizer`: W/tokenizer/<name>); a frozen T5
-    (`config.text.trainable=False`, weights from `config.text.checkpoint`) runs there too."""
+    (`config.text.trainable=False`, weights from `config.text.checkpoint`) runs there too. With
+    `config.data.source="tokens"`: the tokens `muse-jax data tokenize` computed once (`token_stage_data`)."""
+    if config.data.source == "tokens":
+        return token_stage_data(config, workdir, stage, mesh, rules)
     needed = ("base",) if stage == "base" else ("base", "superres")
     tokenizers = {s: workdir_lib.load_image_tokenizer(workdir, name=workdir_lib.stage_tokenizer(config, s))
                   for s in needed}
     spm = workdir_lib.text_tokenizer(workdir, config.text, captions=lambda: first_captions(config, 2000))
-    text_encoder, encode_text = None, None
-    if not config.text.trainable:
-        from muse_jax.data import text as text_lib
-        from muse_jax.models import t5
-
-        if not config.text.get("checkpoint", ""):
-            raise ValueError("config.text.trainable=False needs config.text.checkpoint (a Hugging Face T5 "
-                             "checkpoint directory): a frozen, randomly initialised T5 cannot condition anything")
-        tcfg = t5.T5Config.coerce(config.text.encoder)
-        text_encoder = (t5.T5Encoder(tcfg), t5.load_hf(config.text.checkpoint, tcfg))
-        encode_text = text_lib.make_encode_fn(spm, text_encoder[0], text_encoder[1])
+    text_encoder, encode_text = _frozen_text_encoder(config, spm)
     prepare = online.Prepare.build(config, stage, tokenizers, mesh=mesh, rules=rules, text_encoder=text_encoder)
     size = prepare.image_size
 
@@ -116,6 +110,71 @@ def streaming_stage_data(config, workdir, stage: str, mesh, rules) -> stage_data
         preview["lowres_tokens"] = low
     return stage_data.StageData(None, empty, preview, tokenizer=tokenizers[stage], prompts=prompts,
                                 batches=batches, example=example, prepare=prepare)
+
+
+def _frozen_text_encoder(config, spm):
+    """(T5 module, params) and a host encode function of a frozen T5; (None, None) for a joint one."""
+    if config.text.trainable:
+        return None, None
+    from muse_jax.data import text as text_lib
+    from muse_jax.models import t5
+
+    if not config.text.get("checkpoint", ""):
+        raise ValueError("config.text.trainable=False needs config.text.checkpoint (a Hugging Face T5 "
+                         "checkpoint directory): a frozen, randomly initialised T5 cannot condition anything")
+    tcfg = t5.T5Config.coerce(config.text.encoder)
+    text_encoder = (t5.T5Encoder(tcfg), t5.load_hf(config.text.checkpoint, tcfg))
+    return text_encoder, text_lib.make_encode_fn(spm, text_encoder[0], text_encoder[1])
+
+
+def token_stage_data(config, workdir, stage: str, mesh, rules) -> stage_data.StageData:
+    """The tokens `muse-jax data tokenize` computed once (config.data.tokens_dir, "" = W/tokens/train) and
+    the captions' sentencepiece ids: no image tokenizer runs in the step (a frozen T5 still does)."""
+    directory = tokenize_lib.tokens_dir(config, workdir)
+    meta = token_shards.read_meta(directory)
+    if not meta["records"]:
+        raise ValueError(f"{directory} holds no records (skipped: {meta['skipped']})")
+    made = meta["stamp"]["tokenizers"]
+    for s in ("base",) if stage == "base" else ("base", "superres"):
+        name = workdir_lib.stage_tokenizer(config, s)
+        now = {"name": name, "identity": workdir_lib.tokenizer_identity(workdir, name),
+               "grid_size": int(config[s].grid_size)}
+        if s not in made:
+            raise ValueError(f"{directory} holds no {s} tokens: W had no tokenizer {name or '(shared)'!r} when they "
+                             "were made; run `muse-jax data tokenize` again (into a fresh folder)")
+        if made[s] != now:
+            raise ValueError(f"{directory}: the {s} tokens were made with {made[s]}, the {stage} stage needs "
+                             f"{now}: run `muse-jax data tokenize` again (into a fresh folder)")
+    if stage == "superres" and int(config.superres.lowres_grid_size) != int(config.base.grid_size):
+        raise ValueError(f"config.superres.lowres_grid_size={config.superres.lowres_grid_size} is not "
+                         f"config.base.grid_size={config.base.grid_size}")
+    tokenizer = workdir_lib.load_image_tokenizer(workdir, name=workdir_lib.stage_tokenizer(config, stage))
+    spm = workdir_lib.text_tokenizer(
+        workdir, config.text, captions=lambda: [r["caption"] for r in token_shards.records(directory, meta, 2000)])
+    text_encoder, encode_text = _frozen_text_encoder(config, spm)
+    prepare = None if text_encoder is None else online.Prepare.text_only(config, text_encoder, mesh=mesh, rules=rules)
+
+    def batches(local_batch: int):
+        return iter(token_shards.stage_batches(directory, meta, stage, local_batch, spm=spm,
+                                               seed=int(config.data.shuffle_seed), process_index=jax.process_index(),
+                                               process_count=jax.process_count()))
+
+    # Preview examples: the first records.
+    first = token_shards.records(directory, meta, max(1, int(config.train.num_samples)))
+    prompts = [r["caption"] for r in first]
+    arrays = [token_shards.stage_arrays(r, stage) for r in first]
+    ids, mask = spm(prompts)
+    empty_ids, empty_mask = spm([""])
+    text = {"text_ids": ids.astype(np.int32), "text_mask": mask}
+    empty = {"text_ids": empty_ids[0].astype(np.int32), "text_mask": empty_mask[0]}
+    if encode_text is not None:
+        text = {"text_emb": np.asarray(encode_text(prompts)[0]), "text_mask": mask}
+        empty = {"text_emb": np.asarray(encode_text([""])[0])[0], "text_mask": empty_mask[0]}
+    preview = {**{k: np.stack([a[k] for a in arrays]) for k in arrays[0]}, **text}
+    example = {**{k: np.zeros_like(v) for k, v in arrays[0].items()},
+               "text_ids": np.zeros_like(ids[0], np.int32), "text_mask": np.zeros_like(mask[0])}
+    return stage_data.StageData(None, empty, preview, tokenizer=tokenizer, prompts=prompts, batches=batches,
+                                example=example, prepare=prepare)
 
 
 def stage_config(config, stage: str):
@@ -200,7 +259,9 @@ def train_stage(
     if start == 0 and not quiet and jax.process_index() == 0:
         from clu import parameter_overview
 
-        print(parameter_overview.get_parameter_overview(jax.device_get(state.params), include_stats=False))
+        # From shapes only: parameters sharded across hosts cannot be gathered onto one.
+        shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
+        print(parameter_overview.get_parameter_overview(shapes, include_stats=False))
         writer.write_hparams({"stage": stage, "params": n_params, **config.train.to_dict(), **config[stage].to_dict()})
     tokens_per_step = int(t.batch_size) * model.config.num_tokens
     abstract_inputs = state_lib.abstract_inputs(model, config, int(t.batch_size))

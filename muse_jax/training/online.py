@@ -74,10 +74,7 @@ class Prepare:
                                  f"config.base.grid_size={config.base.grid_size}")
             frozen["superres"], boxed["superres"] = sr_tok.params, _boxed(sr_tok, image_size)
         if text_encoder is not None:
-            module, params = text_encoder
-            ids = jnp.ones((1, int(config.text.max_length)), jnp.int32)
-            frozen["text"] = params
-            boxed["text"] = jax.eval_shape(lambda: module.init(jax.random.key(0), ids)["params"])
+            frozen["text"], boxed["text"] = text_encoder[1], _text_boxed(config, text_encoder[0])
         frozen, shardings = place(frozen, boxed, mesh, rules)
         models = {k: vqgan.VQGAN(t.config) for k, t in tokenizers.items()}
 
@@ -96,11 +93,35 @@ class Prepare:
                 batch["tokens"] = encode("superres", downsample_area(images, s // image_size))
                 batch["lowres_tokens"] = low
             if text_encoder is not None:
-                emb = text_encoder[0].apply({"params": frozen["text"]}, batch.pop("text_ids"), batch["text_mask"])
-                batch["text_emb"] = jax.lax.stop_gradient(emb)
+                _encode_text(text_encoder[0], frozen["text"], batch)
             return batch
 
         return cls(fn, frozen, shardings, image_size)
+
+    @classmethod
+    def text_only(cls, config, text_encoder: tuple[t5.T5Encoder, Any], *, mesh, rules) -> Prepare:
+        """The frozen T5 alone (`text_ids` -> `text_emb`), for batches that hold their tokens already
+        (`config.data.source="tokens"`); `image_size` is 0."""
+        module, params = text_encoder
+        frozen, shardings = place({"text": params}, {"text": _text_boxed(config, module)}, mesh, rules)
+
+        def fn(frozen, batch):
+            batch = dict(batch)
+            _encode_text(module, frozen["text"], batch)
+            return batch
+
+        return cls(fn, frozen, shardings, 0)
+
+
+def _encode_text(module: t5.T5Encoder, params, batch: dict) -> None:
+    """Replaces the batch's `text_ids` by the frozen T5's `text_emb`."""
+    emb = module.apply({"params": params}, batch.pop("text_ids"), batch["text_mask"])
+    batch["text_emb"] = jax.lax.stop_gradient(emb)
+
+
+def _text_boxed(config, module: t5.T5Encoder):
+    ids = jnp.ones((1, int(config.text.max_length)), jnp.int32)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), ids)["params"])
 
 
 def _boxed(tokenizer: vqgan.ImageTokenizer, image_size: int):
