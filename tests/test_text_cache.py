@@ -48,9 +48,10 @@ def test_build_reuse_and_invalidation(tmp_path, setup):
     cache = text_cache.build_or_load(tmp_path, captions, encode, ident, batch_size=16)
     assert encode.n == 40 and len(cache) == 40 and cache.embeddings.shape == (40, 24, 16)
     assert isinstance(cache.embeddings, np.memmap)
-    # Same values as encoding directly (the last, padded batch of 8 included).
+    # Same values as encoding directly (the last, padded batch of 8 included). A batch of 16 and one of
+    # 10 are different programs whose float32 sums round differently (seen: 1.5e-6 on values ~0.1).
     emb, mask = text.make_encode_fn(tok, model, params)(captions[30:])
-    np.testing.assert_allclose(cache[30:40]["text_embeddings"], emb, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(cache[30:40]["text_embeddings"], emb, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(cache[30:40]["text_mask"], mask)
 
     # Same encoder (a fresh identity computed from equal inputs): reused, nothing encoded.
