@@ -5,6 +5,8 @@ times, so compilation dominates (about 30 % less wall time for a training test o
 Subprocesses inherit the flag (tests/_multidevice.py and launch/local.sh add to XLA_FLAGS)."""
 import os
 
+import pytest
+
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
@@ -19,3 +21,14 @@ SLOWEST_FIRST = (
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
+
+@pytest.fixture(scope="module")
+def restore_jax_cache_config():
+    """Puts JAX's persistent-cache settings back after a module whose training runs changed them."""
+    import jax  # not at import time: XLA_FLAGS above must be set before JAX starts
+
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    yield
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])

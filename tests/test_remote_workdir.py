@@ -80,12 +80,8 @@ class _TBFactory:
         pass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_jax_cache_config():
-    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
-    yield
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+# The training loop turns on JAX's persistent compilation cache (config.train.compilation_cache_dir).
+pytestmark = pytest.mark.usefixtures("restore_jax_cache_config")
 
 
 @pytest.fixture

@@ -22,7 +22,10 @@ from muse_jax.training import checkpoint as ckpt_lib
 from muse_jax.training import loop, online, partitioning, tokenize
 
 webdataset = pytest.importorskip("webdataset")
-pytestmark = pytest.mark.filterwarnings("ignore:.*prompts truncated")  # 8 text tokens: a faster T5
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*prompts truncated"),  # 8 text tokens: a faster T5
+    pytest.mark.usefixtures("restore_jax_cache_config"),  # the runs below turn on JAX's persistent cache
+]
 
 TINY = [
     "--config.mesh.data=1",
@@ -45,12 +48,6 @@ CACHE = pathlib.Path(tempfile.gettempdir()) / f"muse_jax_test_xla_cache_{os.getu
 TOKENS = [*TINY, "--config.data.source=tokens", f"--config.train.compilation_cache_dir={CACHE}"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_jax_cache_config():
-    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
-    yield
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
 
 
 def _write_shards(root) -> str:

@@ -39,12 +39,8 @@ def tiny_config(*extra):
     return load_config("shapes", TINY + [f"--config.train.compilation_cache_dir={CACHE}", *extra])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_jax_cache_config():
-    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
-    yield
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+# The training loop turns on JAX's persistent compilation cache (config.train.compilation_cache_dir).
+pytestmark = pytest.mark.usefixtures("restore_jax_cache_config")
 
 
 def _data(config, stage="base"):
