@@ -11,9 +11,15 @@ forward of 2B (the unconditional branch is the empty prompt, or the negative pro
 batch is cut into chunks of `batch_size` (the last one padded), each sharded over the mesh's
 batch axes, so one shape is compiled however many images are asked for. Sample i of chunk c
 uses `fold_in(key(seed), c)`: the same seed and batch size give the same images.
+
+With a mesh, each stage's parameters (the EMA ones where kept) are restored from its checkpoint
+straight into the shardings their logical axis names get from the rules (FSDP, tensor
+parallelism: no device holds more than its share), never reading the optimizer state, and the
+programs run under those rules, so the model's activation constraints apply as in training.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -28,6 +34,7 @@ import numpy as np
 from muse_jax import editing, image_ops, precision, sampling
 from muse_jax import workdir as workdir_lib
 from muse_jax.training import partitioning
+from muse_jax.training import state as state_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,13 +236,15 @@ class Pipeline:
         if not workdir_lib.tokenizer_dir(workdir).is_dir():  # the first thing training makes
             raise FileNotFoundError(f"no trained tokenizer in {workdir_lib.tokenizer_dir(workdir)} (run `muse-jax "
                                     f"train-tokenizer --workdir {workdir}` first)")
-        rules, sharding = None, None
-        if mesh is not None:  # parameters replicated over the mesh; the batch is sharded
-            rules = partitioning.logical_rules(config)
-            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        base = Stage.from_workdir(workdir, "base", sharding)
+        rules = None if mesh is None else partitioning.logical_rules(config)
+
+        def stage(name):  # with a mesh: each parameter restored into the shards of its logical axes
+            sharding = None if mesh is None else state_lib.stage_param_shardings(workdir, name, mesh, rules)
+            return Stage.from_workdir(workdir, name, sharding)
+
+        base = stage("base")
         try:
-            superres = Stage.from_workdir(workdir, "superres", sharding)
+            superres = stage("superres")
         except FileNotFoundError as e:
             warnings.warn(f"{e}; sampling at the base resolution only", UserWarning, stacklevel=2)
             superres = None
@@ -266,6 +275,12 @@ class Pipeline:
             return jnp.asarray(x)
         return jax.device_put(np.asarray(x), partitioning.batch_sharding(self.mesh, self.rules, np.ndim(x)))
 
+    def _axis_rules(self):
+        """The mesh and logical-axis rules the programs are traced and run under (none without a mesh)."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        return partitioning.axis_rules(self.mesh, self.rules or partitioning.DEFAULT_RULES)
+
     def _chunk_size(self, opts: SampleOptions) -> int:
         b = opts.batch_size
         if self.mesh is not None:
@@ -292,14 +307,15 @@ class Pipeline:
             uncond = jax.tree_util.tree_map(self._put, stage.prepare_text([opts.negative_prompt] * chunk)) if guided \
                 else None
             low = None if lowres is None else self._put(padded(lowres[lo:hi]))
-            tokens = program(stage.params, self._put(padded(start[lo:hi])), cond, uncond, low,
-                             jax.random.fold_in(rng, c), jnp.float32(opts.guidance))
+            with self._axis_rules():
+                tokens = program(stage.params, self._put(padded(start[lo:hi])), cond, uncond, low,
+                                 jax.random.fold_in(rng, c), jnp.float32(opts.guidance))
             outs.append(np.asarray(tokens)[: hi - lo])
         return np.concatenate(outs)
 
-    def _decode_images(self, tokens: np.ndarray, grid: int) -> np.ndarray:
-        """Tokens of the stage whose grid is `grid` -> images, with that stage's tokenizer."""
-        stage = "base" if grid == self.base.grid_size else "superres"
+    def _decode_images(self, tokens: np.ndarray, stage: str) -> np.ndarray:
+        """`stage`'s tokens -> images, with that stage's tokenizer."""
+        grid = self.base.grid_size if stage == "base" else self.superres.grid_size
         return np.asarray(self.tokenizers[stage].decode(tokens.reshape(-1, grid, grid)))
 
     def _check_images(self, images, masks=None):
@@ -319,11 +335,12 @@ class Pipeline:
             raise ValueError(f"mask shape {masks.shape} does not match the images {images.shape[:3]}")
         return images, masks != 0
 
-    def _encode(self, images: np.ndarray, size: int) -> np.ndarray:
+    def _encode(self, images: np.ndarray, stage: str) -> np.ndarray:
+        """Images -> `stage`'s tokens: its tokenizer on the images area-downsampled to its size."""
+        size = self.base_image_size if stage == "base" else self.image_size
         if images.shape[1] != size:
             images = image_ops.downsample_area(images, images.shape[1] // size)
-        tokenizer = self.tokenizers["base" if size == self.base_image_size else "superres"]
-        return np.asarray(tokenizer.encode(images)).reshape(images.shape[0], -1)
+        return np.asarray(self.tokenizers[stage].encode(images)).reshape(images.shape[0], -1)
 
     # ----------------------------------------------------------------------------- public API
     def generate_tokens(self, prompts: Sequence[str], *, seed: int = 0, **overrides):
@@ -350,19 +367,30 @@ class Pipeline:
         return self._run_stage(self.superres, start, list(prompts), base_tokens,
                                jax.random.fold_in(jax.random.key(seed), 1), self._options(overrides))
 
-    def encode_images(self, images, size: int | None = None) -> np.ndarray:
-        """uint8 images [B, S, S, 3] -> tokens [B, n] of the image area-downsampled to `size` px
-        (default S; the base stage's tokens at `base_image_size`)."""
+    def encode_images(self, images, stage: str | None = None) -> np.ndarray:
+        """uint8 images [B, S, S, 3] -> tokens [B, n] of `stage` ("base": its tokenizer on the images
+        area-downsampled to `base_image_size`; default: the output stage, super-res if present)."""
         images, _ = self._check_images(images)
-        return self._encode(images, size or self.image_size)
+        stage = stage or ("superres" if self.superres is not None else "base")
+        if stage not in ("base", "superres"):
+            raise ValueError(f"unknown stage {stage!r}; expected 'base' or 'superres'")
+        return self._encode(images, stage)
 
-    def decode_tokens(self, tokens) -> np.ndarray:
-        """Tokens [B, g*g] of either stage -> uint8 images [B, g*f, g*f, 3]."""
+    def decode_tokens(self, tokens, stage: str | None = None) -> np.ndarray:
+        """Tokens [B, g*g] of `stage` -> uint8 images [B, g*f, g*f, 3] (default: the stage whose grid
+        is g; both stages' grids being equal, the output stage)."""
         tokens = np.asarray(tokens)
         g = math.isqrt(tokens.shape[-1]) if tokens.ndim == 2 else 0
         if g == 0 or g * g != tokens.shape[1]:
             raise ValueError(f"tokens must be [batch, g*g] (a square grid), got shape {tokens.shape}")
-        return self._decode_images(tokens, g)
+        if stage is None:
+            stage = "superres" if self.superres is not None and g == self.superres.grid_size else "base"
+        if stage not in ("base", "superres") or (stage == "superres" and self.superres is None):
+            raise ValueError(f"no stage {stage!r} in this pipeline")
+        want = self.base.grid_size if stage == "base" else self.superres.grid_size
+        if g != want:
+            raise ValueError(f"{stage} tokens are {want}x{want} per image, got {g}x{g}")
+        return self._decode_images(tokens, stage)
 
     def generate(self, prompts: Sequence[str], *, num_per_prompt: int = 1, seed: int = 0, **overrides) -> np.ndarray:
         """Prompts -> uint8 images [len(prompts) * num_per_prompt, S, S, 3], prompt-major."""
@@ -371,8 +399,8 @@ class Pipeline:
         expanded = [p for p in prompts for _ in range(num_per_prompt)]
         base, sr = self.generate_tokens(expanded, seed=seed, **overrides)
         if sr is None:
-            return self._decode_images(base, self.base.grid_size)
-        return self._decode_images(sr, self.superres.grid_size)
+            return self._decode_images(base, "base")
+        return self._decode_images(sr, "superres")
 
     def inpaint(self, images, masks, prompts: Sequence[str], *, seed: int = 0, **overrides) -> np.ndarray:
         """Inpainting / outpainting (Muse 3.3): regenerate the masked pixels (mask nonzero) at both
@@ -381,20 +409,20 @@ class Pipeline:
         images, masks = self._check_images(images, masks)
         prompts = self._check_prompts(prompts, images.shape[0])
         key = jax.random.key(seed)
-        low_tokens = self._encode(images, self.base_image_size)
+        low_tokens = self._encode(images, "base")
         low_mask = image_ops.token_mask_from_pixels(masks, self.image_size // self.base.grid_size)
         low_mask = low_mask.reshape(images.shape[0], -1)
         start = np.where(low_mask, self.base.mask_token_id, low_tokens).astype(np.int32)
         base = self._run_stage(self.base, start, prompts, None, jax.random.fold_in(key, 0), opts)
         if self.superres is None:
-            out = self._decode_images(base, self.base.grid_size)
+            out = self._decode_images(base, "base")
         else:
-            hi_tokens = self._encode(images, self.image_size)
+            hi_tokens = self._encode(images, "superres")
             hi_mask = image_ops.token_mask_from_pixels(masks, self.image_size // self.superres.grid_size)
             hi_mask = hi_mask.reshape(images.shape[0], -1)
             start = np.where(hi_mask, self.superres.mask_token_id, hi_tokens).astype(np.int32)
             sr = self._run_stage(self.superres, start, prompts, base, jax.random.fold_in(key, 1), opts)
-            out = self._decode_images(sr, self.superres.grid_size)
+            out = self._decode_images(sr, "superres")
         return image_ops.composite(images, out, masks)
 
     def edit(self, images, prompts: Sequence[str], *, seed: int = 0, **overrides) -> np.ndarray:
@@ -403,13 +431,13 @@ class Pipeline:
         images, _ = self._check_images(images)
         prompts = self._check_prompts(prompts, images.shape[0])
         key = jax.random.key(seed)
-        low_tokens = self._encode(images, self.base_image_size)
+        low_tokens = self._encode(images, "base")
         base = self._run_stage(self.base, low_tokens, prompts, None, jax.random.fold_in(key, 0), opts, edit=True)
         if self.superres is None:
-            return self._decode_images(base, self.base.grid_size)
-        hi_tokens = self._encode(images, self.image_size)
+            return self._decode_images(base, "base")
+        hi_tokens = self._encode(images, "superres")
         sr = self._run_stage(self.superres, hi_tokens, prompts, base, jax.random.fold_in(key, 1), opts, edit=True)
-        return self._decode_images(sr, self.superres.grid_size)
+        return self._decode_images(sr, "superres")
 
     @staticmethod
     def _check_prompts(prompts, n):

@@ -100,6 +100,17 @@ def _train(args, overrides):
     loop.train(cfg, args.workdir, stages)
 
 
+def _ema(args, overrides):
+    from muse_jax import distributed
+    from muse_jax import workdir as workdir_lib
+    from muse_jax.training import ema
+
+    distributed.initialize(workdir_lib.load_stage_config(args.workdir, args.stage))  # as `train` (no-op alone)
+    _, meta = ema.run(args.workdir, args.stage, decay=args.decay, every=args.every)
+    print(f"{args.stage}: EMA (decay {meta['decay']}) of the checkpoints of steps {meta['steps']} -> "
+          f"{workdir_lib.ema_dir(args.workdir, args.stage)}; sample, edit and eval now use it")
+
+
 def _reconstruct(args, overrides):
     from muse_jax.evaluation import tokenizer as tokenizer_eval
 
@@ -283,6 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default="all", choices=["all", "base", "superres"],
                    help="all: base then superres (each resumes from its latest checkpoint)")
     p.set_defaults(fn=_train)
+
+    p = sub.add_parser("ema", help="offline EMA of a stage's checkpoints into W/<stage>/ema (sampling uses it)",
+                       description="Averages the stage's kept checkpoints whose step is a multiple of --every, in "
+                       "step order: ema = decay * ema + (1 - decay) * params. The result is used by sample, edit "
+                       "and eval in place of the EMA kept in training (config.train.ema_decay) or the last "
+                       "checkpoint; delete W/<stage>/ema.json to go back. Training keeps only the newest "
+                       "config.train.keep_checkpoints; train with --config.train.keep_every=5000 to keep every "
+                       "5000-step checkpoint as well.")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--stage", required=True, choices=["base", "superres"])
+    p.add_argument("--decay", type=float, default=0.7, help="EMA decay per checkpoint, in (0, 1) (Muse: 0.7)")
+    p.add_argument("--every", type=int, default=5000, help="average the checkpoints of multiples of this step")
+    p.set_defaults(fn=_ema)
 
     p = sub.add_parser("reconstruct", help="encode+decode every PNG of a folder with W's tokenizer")
     p.add_argument("--workdir", required=True)

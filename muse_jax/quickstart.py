@@ -95,9 +95,12 @@ def run(workdir: str, config_spec: str = "shapes", overrides=()) -> pathlib.Path
     print(f"sample grid of the dataset: {dataset_grid(cfg, workdir)}")
     timings["dataset"] = time.time() - t
 
-    t = _stage("2/5 image tokenizer (VQGAN)")
-    tok = train_tokenizer.train(cfg, workdir)
-    print(f"tokenizer: psnr {tok['psnr']:.2f} dB (32 px: {tok['psnr_lowres']:.2f} dB), codebook usage {tok['usage']:.1%}")
+    names = sorted({workdir_lib.stage_tokenizer(cfg, s) for s in config_lib.STAGES})  # "": one shared
+    t = _stage(f"2/5 image tokenizer{'s' if len(names) > 1 else ''} (VQGAN): {', '.join(n or 'shared' for n in names)}")
+    for name in names:
+        tok = train_tokenizer.train(cfg, workdir, name=name)
+        print(f"tokenizer {name or '(shared)'}: psnr {tok['psnr']:.2f} dB (half size: {tok['psnr_lowres']:.2f} dB), "
+              f"codebook usage {tok['usage']:.1%}")
     timings["tokenizer"] = time.time() - t
 
     t = _stage("3/5 text encoder + base and super-resolution transformers")
@@ -105,7 +108,8 @@ def run(workdir: str, config_spec: str = "shapes", overrides=()) -> pathlib.Path
     timings["transformers"] = time.time() - t
 
     # The grid and the evaluation are redone only when a stage trained further or their settings changed.
-    trained = {stage: workdir_lib.checkpoint_steps(workdir, stage)[-1:] for stage in ("tokenizer", *config_lib.STAGES)}
+    made = [f"tokenizer/{n}" if n else "tokenizer" for n in names] + list(config_lib.STAGES)
+    trained = {stage: workdir_lib.checkpoint_steps(workdir, stage)[-1:] for stage in made}
     t = _stage("4/5 sampling the prompt grid")
     grid, stamp = workdir / "samples" / "prompts_grid.png", {"trained": trained, "sample": cfg.sample.to_dict()}
     if _up_to_date(grid.with_suffix(".stamp.json"), stamp, grid):

@@ -16,6 +16,8 @@ A workdir W holds everything a trained pipeline needs:
   W/<stage>/config.json         the config a stage ("base", "superres") was trained with
   W/<stage>/checkpoints/<n>/    Orbax checkpoints (TrainState + data position)
   W/<stage>/tb/, samples/       TensorBoard events; sample previews
+  W/<stage>/ema/<n>/, ema.json  the offline EMA of the checkpoints (`muse-jax ema`, training/ema.py) and
+                                what went into it; loaded in place of any other parameters
   W/samples/, W/eval/, W/report.md   the quickstart's sample grids, evaluation and report
 
 W may be a bucket URI (gs://...): everything is written there except the dataset and the text
@@ -26,6 +28,7 @@ Loaders read parameters only, never optimizer state (`training.checkpoint.restor
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -41,6 +44,7 @@ from muse_jax.models import vqgan
 from muse_jax.training import checkpoint as ckpt_lib
 
 CONFIG_FILE = "config.json"
+EMA_FILE = "ema.json"
 TOKENIZER = "tokenizer"
 SPM_MODEL = "text/spm.model"
 
@@ -87,6 +91,17 @@ def checkpoint_dir(workdir, stage: str):
     if stage == TOKENIZER or stage.startswith(TOKENIZER + "/"):
         return tokenizer_dir(workdir, stage[len(TOKENIZER) + 1:]) / "checkpoints"
     return stage_dir(workdir, stage) / "checkpoints"
+
+
+def ema_dir(workdir, stage: str):
+    """W/<stage>/ema: the offline EMA of the stage's checkpoints, an Orbax checkpoint of `ema_params`."""
+    return stage_dir(workdir, stage) / "ema"
+
+
+def ema_meta(workdir, stage: str) -> dict | None:
+    """W/<stage>/ema.json ({"decay", "every", "steps"}) where `muse-jax ema` has run, else None."""
+    p = stage_dir(workdir, stage) / EMA_FILE
+    return _read_json(p) if p.is_file() else None
 
 
 def checkpoint_steps(workdir, stage: str) -> list[int]:
@@ -233,8 +248,9 @@ def build_stage_model(config, stage: str):
 
 def load_stage_params(workdir, stage: str, *, step: int | None = None, use_ema: bool = True,
                       sharding=None) -> tuple[Any, Any, ml_collections.ConfigDict]:
-    """(model, params, config) of a trained stage: parameters only (the EMA ones where kept and
-    `use_ema`), placed with `sharding` (default: this process's first device)."""
+    """(model, params, config) of a trained stage: parameters only, placed with `sharding` (default:
+    this process's first device). With `use_ema`: the offline EMA of `muse-jax ema` if there is one
+    (and no `step` is asked for), else the EMA weights kept in the checkpoint (config.train.ema_decay)."""
     config = load_stage_config(workdir, stage)
     model = build_stage_model(config, stage)
     inputs = transformer_lib.dummy_inputs(model, 1, int(config.text.max_length))
@@ -247,7 +263,14 @@ def load_stage_params(workdir, stage: str, *, step: int | None = None, use_ema: 
     ckpt = checkpoint_dir(workdir, stage)
     steps = checkpoint_steps(workdir, stage)
     field = "params"
-    if use_ema and steps and ckpt_lib.saved_fields(ckpt, step if step is not None else steps[-1]).get("ema_params"):
+    offline = ema_meta(workdir, stage) if use_ema and step is None else None
+    if offline is not None:
+        ckpt, field, step = ema_dir(workdir, stage), "ema_params", int(offline["steps"][-1])
+        if steps and steps[-1] > step:
+            warnings.warn(f"{stage}: the offline EMA ends at step {step}, the newest checkpoint is step {steps[-1]}; "
+                          f"rerun `muse-jax ema --workdir {workdir} --stage {stage}`, or delete "
+                          f"{stage_dir(workdir, stage) / EMA_FILE} to load the checkpoints", stacklevel=2)
+    elif use_ema and steps and ckpt_lib.saved_fields(ckpt, step if step is not None else steps[-1]).get("ema_params"):
         field = "ema_params"
     try:
         tree, _ = ckpt_lib.restore_subtree(ckpt, {field: target}, step=step)

@@ -14,7 +14,7 @@ if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
 SLOWEST_FIRST = (
     "test_multihost.py", "test_quickstart.py", "test_smoke.py", "test_train.py", "test_train_tokenizer.py",
     "test_planning.py", "test_benchmarks.py", "test_remote_workdir.py", "test_sample_cli.py", "test_zero_shot.py",
-    "test_inception.py", "test_vqgan.py", "test_transformer.py",
+    "test_sharded_sampling.py", "test_inception.py", "test_vqgan.py", "test_transformer.py",
 )
 
 

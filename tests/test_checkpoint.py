@@ -56,6 +56,16 @@ def test_bit_exact_restore_keep_last_and_iterator_resume(tmp_path):
     assert step == 4 and _equal(older, states[4])
 
 
+def test_parameters_alone_read_back_from_a_relative_path(tmp_path, monkeypatch):
+    ck = ckpt_lib.Checkpointer(tmp_path / "ck", save_every=1, keep=1)
+    ck.save(3, _state(3), force=True)
+    ck.close()
+    monkeypatch.chdir(tmp_path)  # sample --workdir W with a relative W
+    assert ckpt_lib.saved_fields("ck", 3) == {"params": 2, "step": 1}
+    params, step = ckpt_lib.restore_subtree("ck", {"params": _state(0)["params"]})
+    assert step == 3 and _equal(params["params"], _state(3)["params"])
+
+
 def test_corrupt_newest_falls_back_and_missing_errors(tmp_path):
     ck = ckpt_lib.Checkpointer(tmp_path / "ck", save_every=1, keep=3)
     for step in (1, 2):

@@ -1,10 +1,13 @@
 """Multi-host training with local processes: 2 processes x 2 CPU devices (gloo) vs 1 process x 4.
 
-The 2-process job trains a tiny base model on a data=2, fsdp=2 mesh; process 1 dies at step 3
-(after the step-2 checkpoint); process 0 must then exit by itself (no hang). A relaunch resumes
-from step 2 and finishes; its losses and final parameters must match an uninterrupted
+The 2-process job trains a tiny base model on a data=1, fsdp=2, tensor=2 mesh: devices are ordered
+process by process, so the FSDP axis spans the two processes (parameters are split across them, as
+with `--config.mesh.fsdp=-1` on a pod) and the tensor axis each one's two devices; process 1 dies at
+step 3 (after the step-2 checkpoint); process 0 must then exit by itself (no hang). A relaunch
+resumes from step 2 and finishes; its losses and final parameters must match an uninterrupted
 single-process run on 4 devices fed the same global batches. Then the super-res stage of each run
-starts from its base (config.train.init_from) and trains 2 steps: 2 processes must match 1 again.
+starts from its base (config.train.init_from) and trains 2 steps, logging to the console: 2
+processes must match 1 again. A sample preview (base, step 4) runs on the sharded parameters.
 Every child is killed on timeout.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 import conftest
 import numpy as np
 import pytest
+from PIL import Image
 
 from muse_jax import distributed
 
@@ -32,8 +36,8 @@ OVERRIDES = [
     "--config.base.num_heads=2", "--config.base.codebook_size=64", "--config.base.text_dim=16",
     "--config.text.trainable=False", "--config.text.max_length=8",
     "--config.train.batch_size=8", "--config.train.num_steps=4", "--config.train.log_every=1",
-    "--config.train.checkpoint_every=2", "--config.train.sample_every=0", "--config.train.warmup_steps=1",
-    "--config.train.lr=0.01", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=1",
+    "--config.train.checkpoint_every=2", "--config.train.sample_every=4", "--config.train.warmup_steps=1",
+    "--config.train.lr=0.01", "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
     # the super-res stage (warm-started from the base: config.train_superres.init_from = "base")
     "--config.superres.num_layers=2", "--config.superres.width=32", "--config.superres.mlp_dim=64",
     "--config.superres.num_heads=2", "--config.superres.codebook_size=64", "--config.superres.text_dim=16",
@@ -85,6 +89,10 @@ if mode == "reference":
     assert sorted(global_seq) == sorted(one) == list(range(64))
     perm = np.empty(64, int); perm[one] = global_seq
 
+class Codes:  # decodes previews without a VQGAN: token ids as gray levels
+    def decode(self, tokens):
+        return np.repeat(np.asarray(tokens, np.uint8)[..., None] * 4, 3, axis=-1)
+
 losses = {}
 real_make = loop.step_lib.make_train_step
 def make_train_step(*args, **kwargs):
@@ -108,11 +116,17 @@ loop.step_lib.make_train_step = make_train_step
 
 for stage in stages:  # the super-res stage starts from the base trained just before (init_from)
     data = stage_data.synthetic(config, stage, num=64)
+    data.preview, data.tokenizer = {k: v[:4] for k, v in data.source.arrays.items()}, Codes()
     if perm is not None:
         data.source = sources.ArraySource({k: v[perm] for k, v in data.source.arrays.items()})
     losses.clear()
-    summary = loop.train_stage(config, workdir, stage, data=data, quiet=True)
-    params = multihost_utils.process_allgather(summary["state"].params, tiled=True)
+    summary = loop.train_stage(config, workdir, stage, data=data, quiet=stage == "base")
+    state = summary["state"]
+    if mode == "multihost":  # FSDP across processes: no process holds every element of some parameter
+        held = lambda x: sum({str(s.index): s.data.size for s in x.addressable_shards}.values())
+        assert any(held(x) < x.size for x in jax.tree_util.tree_leaves(state.params))
+        assert state.step.is_fully_replicated
+    params = multihost_utils.process_allgather(state.params, tiled=True)
     flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     if info.process_index == 0:
         np.savez(out / f"params_{stage}.npz", **flat)
@@ -224,8 +238,10 @@ def test_two_processes_crash_resume_match_single_process(tmp_path):
     assert not any(np.array_equal(ref["params"][k], np.zeros_like(ref["params"][k])) for k in ref["params"]
                    if "kernel" in k)
 
-    # 4) ... the super-res stage, warm-started from the base just trained (each process reads the base
-    #    whole and places it on the data=2 x fsdp=2 mesh): 2 processes vs 1 process on 4 devices
+    # 4) ... the super-res stage, warm-started from the base just trained (read and copied sharded over
+    #    the mesh), logging to the console: 2 processes vs 1 process on 4 devices
+    assert "parameter arrays start from the trained base stage" in logs["process_0.log"]
+    assert "step 2 | train/loss=" in logs["process_0.log"]
     ref_sr, mh_sr = _result(ref_out, "superres"), _result(mh_out, "superres")
     assert sorted(mh_sr["losses"]) == sorted(ref_sr["losses"]) == [1, 2]
     for s in (1, 2):
@@ -236,6 +252,10 @@ def test_two_processes_crash_resume_match_single_process(tmp_path):
     k = "['decoder']['block_0']['mlp']['wi']['kernel']"
     lowres = mh_sr["params"][k.replace("decoder", "lowres_encoder")]
     assert np.abs(lowres - ref["params"][k]).max() < 0.05 < np.abs(ref["params"][k]).max()
+
+    # 5) the base's preview, sampled on the sharded parameters and written by process 0, is the reference's
+    got, want = (np.asarray(Image.open(w / "base" / "samples" / "step_4.png")) for w in (wd, tmp_path / "ref_wd"))
+    assert got.shape == want.shape and np.mean(got == want) > 0.9
 
 
 def test_resolve_sources():

@@ -14,20 +14,22 @@ K = 16  # toy codebook: gray levels
 
 
 class ToyTokenizer:
-    """Each 4x4 block -> its mean gray level // 16; decode paints the block that gray."""
+    """Each f x f block -> its mean gray level // 16; decode paints the block that gray."""
 
-    factor = 4
     codebook_size = K
 
+    def __init__(self, factor=4):
+        self.factor = factor
+
     def encode(self, images):
-        x = np.asarray(images, np.float32).mean(-1)
+        x, f = np.asarray(images, np.float32).mean(-1), self.factor
         b, h, w = x.shape
-        return (x.reshape(b, h // 4, 4, w // 4, 4).mean((2, 4)) // 16).astype(np.int32)
+        return (x.reshape(b, h // f, f, w // f, f).mean((2, 4)) // 16).astype(np.int32)
 
     def decode(self, tokens):
         t = np.asarray(tokens)
         assert t.min() >= 0 and t.max() < K, "decode got a mask token"
-        img = np.repeat(np.repeat(t * 16 + 8, 4, axis=1), 4, axis=2).astype(np.uint8)
+        img = np.repeat(np.repeat(t * 16 + 8, self.factor, axis=1), self.factor, axis=2).astype(np.uint8)
         return np.repeat(img[..., None], 3, axis=-1)
 
 
@@ -81,6 +83,24 @@ def test_generate_cascade_deterministic_and_batched():
     assert base.shape == (5, 4) and sr.shape == (5, 16) and (sr < K).all() and (base < K).all()
 
 
+def test_a_tokenizer_per_stage_at_the_same_image_size():
+    """Base: f8 tokens of the whole 16 px image (2x2); super-res: f4 tokens of it (4x4)."""
+    options = cascade.SampleOptions(steps=2, sr_steps=2, batch_size=4)
+    toks = {"base": ToyTokenizer(8), "superres": ToyTokenizer(4)}
+    pipe = cascade.Pipeline(toks, toy_stage("base", 2), toy_stage("superres", 4, lowres_grid=2, seed=1), options)
+    assert pipe.image_size == pipe.base_image_size == 16
+    images = toks["superres"].decode(np.random.default_rng(0).integers(0, K, (2, 4, 4)))
+    np.testing.assert_array_equal(pipe.encode_images(images, "base"), toks["base"].encode(images).reshape(2, 4))
+    np.testing.assert_array_equal(pipe.encode_images(images), toks["superres"].encode(images).reshape(2, 16))
+    base = pipe.encode_images(images, "base")
+    np.testing.assert_array_equal(pipe.decode_tokens(base, "base"), toks["base"].decode(base.reshape(2, 2, 2)))
+    assert pipe.generate(["red"], seed=0).shape == (1, 16, 16, 3)
+    mask = np.zeros((2, 16, 16), bool)
+    mask[:, :8] = True  # the top half re-drawn; the bottom half's tokens of both stages kept
+    out = pipe.inpaint(images, mask, ["red", "blue"], seed=0)
+    np.testing.assert_array_equal(out[:, 8:], images[:, 8:])
+
+
 def test_stage_methods_superres_alone_encode_and_decode():
     pipe = toy_pipeline()
     prompts = ["red", "blue", "green"]
@@ -92,7 +112,9 @@ def test_stage_methods_superres_alone_encode_and_decode():
     images = pipe.tokenizer.decode(blocks)  # [2, 16, 16, 3], one gray per 4x4 block
     np.testing.assert_array_equal(pipe.encode_images(images), blocks.reshape(2, 16))
     np.testing.assert_array_equal(pipe.decode_tokens(blocks.reshape(2, 16)), images)
-    assert pipe.encode_images(images, pipe.base_image_size).shape == (2, 4)
+    assert pipe.encode_images(images, "base").shape == (2, 4)
+    with pytest.raises(ValueError, match=r"base tokens are 2x2 per image, got 4x4"):
+        pipe.decode_tokens(blocks.reshape(2, 16), "base")
     with pytest.raises(ValueError, match=r"base tokens must be \[3, 4\]"):
         pipe.superres_tokens(base[:, :3], prompts)
     with pytest.raises(ValueError, match="square grid"):

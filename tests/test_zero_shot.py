@@ -1,13 +1,18 @@
 """Zero-shot evaluation (`muse-jax eval --prompts`): caption sources, pytorch-fid statistics files,
-resumed and two-process evaluations equal to one uninterrupted run, sweeps.
+resumed and two-process evaluations equal to one uninterrupted run (simulated in this process, and
+real: 2 processes x 2 CPU devices through launch/local.sh), sweeps.
 
 The cascade is the toy pipeline of test_sample_cli (its base stage alone: 8 px images, no training); InceptionV3 and a
 small CLIP get random weights, written to files as the user's would be."""
 import json
 import os
 import pathlib
+import signal
+import subprocess
+import sys
 import tempfile
 
+import conftest
 import jax
 import numpy as np
 import PIL.Image
@@ -17,11 +22,13 @@ from test_sample_cli import toy_pipeline
 
 from muse_jax import cascade, cli
 from muse_jax.data import export
-from muse_jax.evaluation import caption_sets, fid, inception, zero_shot
+from muse_jax.evaluation import caption_sets, fid, inception, scores, zero_shot
+from muse_jax.evaluation import run as eval_run
 
 PROMPTS = ["a red circle", "a blue square on the left", "two green crosses"]  # chunks of 2 and 1
 CLIP_CONTEXT = 16
 XLA_CACHE = pathlib.Path(tempfile.gettempdir()) / f"muse_jax_test_xla_cache_{os.getuid()}"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _byte_vocab() -> dict[str, int]:
@@ -252,6 +259,23 @@ def test_evaluation_reference_npz_and_folder_agree_and_self_fid_is_zero(env, sco
         _run(env, out, seed=4, scorer=scorer)
 
 
+def test_the_shapes_evaluation_generates_as_the_zero_shot_one(env, tmp_path):
+    """Both generate through scores.generate_batch in batches of the pipeline's batch size: the shapes
+    evaluation (the quickstart's) with the run's seed for every batch, as it always has; the zero-shot
+    one with a seed per chunk, so chunk k is the shapes evaluation of its prompts with that seed."""
+    pipe = cascade.Pipeline.from_workdir(env)  # the toy pipeline, batch size 2
+    images, _ = eval_run.generate_images(pipe, PROMPTS, 3, {"steps": None})
+    np.testing.assert_array_equal(images, np.concatenate([pipe.generate(PROMPTS[:2], seed=3),
+                                                          pipe.generate(PROMPTS[2:], seed=3)]))
+    result = _run(env, tmp_path / "z", scorer=zero_shot.Scorer(), save_images=True)
+    saved = np.stack([np.asarray(PIL.Image.open(p)) for p in sorted(pathlib.Path(result["images"]).glob("*.png"))])
+    for k, chunk in enumerate((PROMPTS[:2], PROMPTS[2:])):
+        want, _ = eval_run.generate_images(pipe, chunk, zero_shot.chunk_seed(3, k), {})
+        np.testing.assert_array_equal(saved[2 * k:2 * k + len(chunk)], want)
+    with pytest.raises(ValueError, match="3 prompts in one batch of at most 2"):
+        scores.generate_batch(pipe, PROMPTS, seed=0)
+
+
 def test_killed_and_two_process_evaluations_equal_one_run(env, scorer, tmp_path):
     stats = str(tmp_path / "ref.npz")
     fid.save_statistics(stats, *fid.feature_statistics(np.random.default_rng(0).standard_normal((8, 2048))))
@@ -285,6 +309,104 @@ def test_killed_and_two_process_evaluations_equal_one_run(env, scorer, tmp_path)
         assert result["clip_score"] == whole["clip_score"] and result["fid"] == whole["fid"]
 
 
+# One process of `muse-jax eval --prompts` launched by launch/local.sh: the module's toy pipeline
+# (on the mesh the evaluation asks for) stands in for the workdir's; it records what it generated,
+# on which devices, and which reports it wrote, into LOG_DIR/process_<i>.json.
+WORKER = r"""
+import json, os, pathlib, sys
+sys.path.insert(0, os.environ["TESTS_DIR"])
+from muse_jax import cascade, cli
+from muse_jax.evaluation import zero_shot
+from test_sample_cli import toy_pipeline
+
+log = {"generated": [], "put_devices": [], "written": []}
+
+def from_workdir(cls, workdir, mesh=None, **kw):
+    pipe = toy_pipeline(batch_size=2, superres=False)
+    pipe.mesh = mesh
+    put, generate = pipe._put, pipe.generate
+    def _put(x):
+        y = put(x)
+        log["put_devices"].append(sorted(d.id for d in y.sharding.device_set))
+        return y
+    def _generate(prompts, **kw):
+        log["generated"].append(list(prompts))
+        return generate(prompts, **kw)
+    pipe._put, pipe.generate = _put, _generate
+    return pipe
+
+def recorded(fn):
+    def wrapped(*args, **kw):
+        log["written"].append(fn.__name__)
+        return fn(*args, **kw)
+    return wrapped
+
+cascade.Pipeline.from_workdir = classmethod(from_workdir)
+zero_shot.scores.write_json = recorded(zero_shot.scores.write_json)
+zero_shot.sweep.write_front = recorded(zero_shot.sweep.write_front)
+code = cli.main(sys.argv[1:])
+import jax
+log.update(code=code, process_index=jax.process_index(), process_count=jax.process_count(),
+           devices=jax.device_count(), local_devices=sorted(d.id for d in jax.local_devices()))
+(pathlib.Path(os.environ["LOG_DIR"]) / f"process_{jax.process_index()}.json").write_text(json.dumps(log))
+sys.exit(code)
+"""
+
+
+def test_evaluation_on_two_real_processes_equals_one_process(env, scorer, tmp_path):
+    """2 processes x 2 CPU devices (jax.distributed, gloo): each process generates only its chunks,
+    sharded over its devices; process 0 alone writes the reports; the numbers are one process's."""
+    prompts = tmp_path / "prompts.txt"  # 3 chunks of 2: process 0 makes chunks 0 and 2, process 1 chunk 1
+    prompts.write_text("\n".join(PROMPTS + ["a small yellow triangle", "a purple cross", "a big orange square"]))
+    stats = str(tmp_path / "ref.npz")
+    fid.save_statistics(stats, *fid.feature_statistics(np.random.default_rng(0).standard_normal((8, 2048))))
+    common = ["--prompts", str(prompts), "--num", "6", "--reference", stats, "--inception", str(env / "inception.npz"),
+              "--clip", str(env / "clip"), "--seed", "3", "--sweep-guidance", "3"]
+    one = zero_shot.run(env, str(prompts), tmp_path / "one", num=6, reference=stats, scorer=scorer, seed=3, quiet=True)
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (tmp_path / "worker.py").write_text(WORKER)
+    environ = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu", XLA_FLAGS=conftest.TEST_XLA_FLAGS,
+                   TESTS_DIR=str(ROOT / "tests"), LOG_DIR=str(logs), JAX_COMPILATION_CACHE_DIR=str(XLA_CACHE),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    cmd = ["bash", str(ROOT / "launch" / "local.sh"), "-n", "2", "-d", "2", "-t", "140", "-l", str(logs), "--",
+           sys.executable, str(tmp_path / "worker.py"), "eval", "--workdir", str(env), "--out", str(tmp_path / "two"),
+           *common]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"timed out after 150s (hang):\n{output[-4000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # any process left in the group
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, output[-4000:] + "".join(p.read_text()[-2000:] for p in logs.glob("*.log"))
+
+    p0, p1 = (json.loads((logs / f"process_{i}.json").read_text()) for i in range(2))
+    lines = prompts.read_text().splitlines()
+    chunks = [lines[k * 2:k * 2 + 2] for k in range(3)]
+    assert p0["generated"] == [chunks[0], chunks[2]] and p1["generated"] == [chunks[1]]
+    for p in (p0, p1):
+        assert (p["code"], p["process_count"], p["devices"], len(p["local_devices"])) == (0, 2, 4, 2)
+        assert p["put_devices"] and all(d == p["local_devices"] for d in p["put_devices"])  # the batch on both
+    assert not set(p0["local_devices"]) & set(p1["local_devices"])
+    assert p0["written"] == ["write_front", "write_json"] and p1["written"] == []
+
+    two = json.loads((tmp_path / "two" / "zero_shot.json").read_text())
+    assert two["fid"] == one["fid"] > 0 and two["clip_score"] == one["clip_score"] and two["num"] == 6
+    assert two["sweeps"]["guidance"]["results"][0]["fid"] == one["fid"]
+    for k in range(3):
+        with np.load(f"{one['chunks']}/chunk_{k:05d}.npz") as a, np.load(f"{two['chunks']}/chunk_{k:05d}.npz") as b:
+            for key in ("indices", "inception", "clip_image", "clip_text", "clip_score"):
+                np.testing.assert_array_equal(b[key], a[key], err_msg=f"chunk {k} {key}")
+
+
 def test_guidance_sweep_writes_the_front(env, scorer, tmp_path):
     stats = str(tmp_path / "ref.npz")
     fid.save_statistics(stats, *fid.feature_statistics(np.random.default_rng(0).standard_normal((8, 2048))))
@@ -316,3 +438,6 @@ def test_a_retrained_workdir_is_refused(env, tmp_path):
     (workdir / "base/checkpoints/20").mkdir()
     with pytest.raises(ValueError, match="differs in: checkpoints.*fresh --out"):
         run()
+    # `muse-jax ema` since: sampling now loads the EMA, so the features are not the same either
+    (workdir / "base/ema.json").write_text(json.dumps({"decay": 0.7, "every": 10, "steps": [10, 20]}))
+    assert zero_shot.checkpoint_steps(workdir)["base/ema"]["steps"] == [10, 20]

@@ -160,6 +160,7 @@ def get_config(arg=None):
     t.log_every = 50
     t.checkpoint_every = 500
     t.keep_checkpoints = 2
+    t.keep_every = 0  # > 0: also keep every checkpoint whose step is a multiple (for `muse-jax ema`)
     t.sample_every = 1000
     t.num_samples = 8
     # "default": the backend's fast matmul, float32 accumulation (TPU: bfloat16 multiplies; an AMX CPU:

@@ -4,7 +4,8 @@
     data = synthetic(config, stage)                         # tests and benchmarks
 
 `text` is a `TextInputs`: the captions' sentencepiece ids for a T5 trained jointly with the
-stage (`config.text.trainable`), or a frozen T5's cached embeddings (`frozen_text_embeddings`).
+stage (`config.text.trainable`), or a frozen T5's cached embeddings (`frozen_text_embeddings`),
+of which each process holds and reads only its own shard of the captions.
 """
 from __future__ import annotations
 
@@ -31,11 +32,11 @@ class StageData:
     tokenizer: object = None  # the ImageTokenizer that decodes previews
     prompts: list[str] | None = None
     batches: object = None  # streaming: local batch size -> a checkpointable iterator of batches
-    example: dict[str, np.ndarray] | None = None  # streaming: one example (shapes and dtypes)
+    example: dict[str, np.ndarray] | None = None  # one example (shapes and dtypes); None: source[0]
     prepare: object = None  # streaming: the in-step tokenizers (and frozen T5)
 
     def first_example(self) -> dict[str, np.ndarray]:
-        return self.source[0] if self.source is not None else self.example
+        return self.example if self.example is not None else self.source[0]
 
 
 class TextBatches:
@@ -75,10 +76,14 @@ class TextBatches:
 
 @dataclasses.dataclass
 class TextInputs:
-    """Per-caption text arrays ({"text_ids"|"text_emb", "text_mask"}) and the empty prompt's."""
+    """Per-caption text arrays ({"text_ids"|"text_emb", "text_mask"}) and the empty prompt's; for a
+    frozen T5, `cache` (this process's shard of the embeddings, read by caption index) and `first`,
+    the arrays of the first captions (previews, which every process shows)."""
 
     arrays: dict[str, np.ndarray]
     empty: dict[str, np.ndarray]
+    cache: object = None  # a `data.text_cache.TextEmbeddingCache`
+    first: dict[str, np.ndarray] | None = None
 
 
 def sentencepiece_inputs(spm, captions) -> TextInputs:
@@ -89,8 +94,10 @@ def sentencepiece_inputs(spm, captions) -> TextInputs:
                       {"text_ids": empty_ids[0], "text_mask": empty_mask[0]})
 
 
-def frozen_text_embeddings(config, spm, captions, cache_dir) -> TextInputs:
-    """A frozen T5's embeddings of the captions, computed once into `cache_dir` (data/text_cache.py).
+def frozen_text_embeddings(config, spm, captions, cache_dir, *, split: str = "train", process_index=None,
+                           process_count=None) -> TextInputs:
+    """A frozen T5's embeddings of the captions, computed once into `cache_dir` (data/text_cache.py):
+    this process's shard of them (`process_index` of `process_count`, default JAX's).
 
     Parameters from `config.text.checkpoint` (a Hugging Face T5, converted by `t5.load_hf`): required,
     since a frozen, randomly initialised T5 conditions nothing.
@@ -107,28 +114,60 @@ def frozen_text_embeddings(config, spm, captions, cache_dir) -> TextInputs:
     params = t5.load_hf(config.text.checkpoint, tcfg)
     encode = text_lib.make_encode_fn(spm, encoder, params, batch_size=64)
     identity = text_cache.encoder_identity(tcfg.to_dict(), params, spm, int(config.text.max_length))
-    cache = text_cache.build_or_load(cache_dir, captions, encode, identity, dtype=config.text.get("cache_dtype", "float32"))
-    empty_emb, empty_mask = encode([""])
-    return TextInputs({"text_emb": cache.embeddings, "text_mask": cache.mask},
-                      {"text_emb": np.asarray(empty_emb, cache.embeddings.dtype)[0], "text_mask": empty_mask[0]})
+    cache = text_cache.build_or_load(cache_dir, captions, encode, identity, name=split,
+                                     dtype=config.text.get("cache_dtype", "float32"),
+                                     process_index=process_index, process_count=process_count)
+    return cached_text_inputs(cache, encode, captions[: max(1, int(config.train.num_samples))])
+
+
+def cached_text_inputs(cache, encode, first_captions) -> TextInputs:
+    """TextInputs over a text cache; the first captions' and the empty prompt's embeddings encoded
+    here, as the cache would give them (zeros past the valid tokens, the cache's dtype)."""
+    emb, mask = encode([*first_captions, ""])
+    emb = np.where(mask[..., None], np.asarray(emb), 0).astype(cache.dtype)
+    return TextInputs({}, {"text_emb": emb[-1], "text_mask": mask[-1]}, cache=cache,
+                      first={"text_emb": emb[:-1], "text_mask": mask[:-1]})
+
+
+class CachedTextSource:
+    """A random-access source whose records are `source`'s plus the cached text_emb / text_mask of
+    the same index (only this process's shard of the indices can be read)."""
+
+    def __init__(self, source: ArraySource, cache):
+        if len(source) != len(cache):
+            raise ValueError(f"{len(source)} records but {len(cache)} cached captions")
+        self.source, self.cache = source, cache
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        text = self.cache[i]
+        return {**self.source[i], "text_emb": text["text_embeddings"], "text_mask": text["text_mask"]}
+
+    def __repr__(self):  # stable across restarts: grain compares it when restoring an iterator
+        return f"CachedTextSource({self.source!r}, text:{self.cache.dtype}[{len(self.cache)}, {self.cache.length}])"
 
 
 def from_token_cache(config, stage: str, cache: dict, text: TextInputs, tokenizer=None) -> StageData:
-    """A stage's data from a token cache (`data/token_cache.py`): the base stage predicts the
-    downsampled images' tokens ("lo"), the super-res stage the full-size ones ("hi") given "lo"."""
+    """A stage's data from a token cache (`data/token_cache.py`): each stage predicts its own tokens;
+    the super-res stage is given the base stage's."""
     n = len(cache["captions"])
     arrays = dict(text.arrays)
-    if stage == "base":
-        arrays["tokens"] = cache["lo"].reshape(n, -1).astype(np.int32)
-    else:
-        arrays["tokens"] = cache["hi"].reshape(n, -1).astype(np.int32)
-        arrays["lowres_tokens"] = cache["lo"].reshape(n, -1).astype(np.int32)
+    arrays["tokens"] = cache[stage].reshape(n, -1).astype(np.int32)
+    if stage == "superres":
+        arrays["lowres_tokens"] = cache["base"].reshape(n, -1).astype(np.int32)
     g = config[stage].grid_size
     if arrays["tokens"].shape[1] != g * g:
         raise ValueError(f"cached tokens have {arrays['tokens'].shape[1]} per image; config.{stage} expects {g}x{g}")
     k = int(config.train.num_samples)
     preview = {key: v[:k] for key, v in arrays.items()}
-    return StageData(ArraySource(arrays), text.empty, preview, tokenizer=tokenizer, prompts=cache["captions"][:k])
+    source, example = ArraySource(arrays), None
+    if text.cache is not None:  # records of other processes cannot be read: previews from `first`
+        source = CachedTextSource(source, text.cache)
+        preview.update({key: v[:k] for key, v in text.first.items()})
+        example = {key: v[0] for d in (arrays, text.first) for key, v in d.items()}
+    return StageData(source, text.empty, preview, tokenizer=tokenizer, prompts=cache["captions"][:k], example=example)
 
 
 def synthetic(config, stage: str, num: int = 512, text_length: int = 8, seed: int = 0) -> StageData:

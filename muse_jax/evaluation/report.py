@@ -55,7 +55,8 @@ def write_report(workdir: pathlib.Path, cfg, ev: dict, timings: dict) -> pathlib
         f"sampling {gen['sec_per_image'] * 1000:.0f} ms per image (after compilation).", "",
         *_stage_lines(ev.get("stages")),
         "## Tokenizer", "",
-        f"PSNR {tok['psnr']:.2f} dB (at the base stage's 32 px: {tok.get('psnr_lowres', float('nan')):.2f} dB), "
+        f"PSNR {tok['psnr']:.2f} dB (the base stage's tokenizer at its {tok.get('base_image_size', '?')} px: "
+        f"{tok.get('psnr_lowres', float('nan')):.2f} dB), "
         f"SSIM {tok['ssim']:.4f}, reconstruction FID (shapes features) "
         f"{tok['rfid_shapes']:.2f}, codebook usage {_pct(tok['codebook']['fraction_used'])} "
         f"(perplexity {tok['codebook']['perplexity']:.1f}) on {tok['num_images']} test images.", "",

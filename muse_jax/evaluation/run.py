@@ -33,11 +33,16 @@ def _load_inception(path: str | None):
     return inception.load_inception(path)
 
 
+def generate_images(pipe, prompts: Sequence[str], seed: int, overrides: dict) -> tuple[np.ndarray, float]:
+    """(images, seconds per image) of the prompts in batches of the pipeline's batch size, each
+    batch generated with `seed` (the zero-shot evaluation draws one seed per batch instead)."""
+    return scores.timed_generation(lambda ps: scores.generate_batch(pipe, ps, seed=seed, overrides=overrides),
+                                   prompts, pipe.options.batch_size)
+
+
 def _generate_and_score(pipe, prompts: Sequence[str], cache_dir: str, seed: int, overrides: dict,
                         inception_variables=None) -> tuple[np.ndarray, dict[str, Any]]:
-    batch = pipe.options.batch_size
-    images, sec = scores.timed_generation(
-        lambda ps: pipe.generate(ps, seed=seed, **overrides), prompts, batch)
+    images, sec = generate_images(pipe, prompts, seed, overrides)
     result = scores.evaluate_images(images, prompts, cache_dir=cache_dir, seed=0,
                                     inception_variables=inception_variables)
     result["sec_per_image"] = sec
@@ -73,17 +78,17 @@ def stage_breakdown(pipe, num: int, seed: int = 0, overrides: dict | None = None
         raise ValueError(f"the shapes images are {images.shape[1]} px, this pipeline makes {pipe.image_size} px")
     r = pipe.image_size // pipe.base_image_size
     up = lambda x: x.repeat(r, axis=1).repeat(r, axis=2)  # noqa: E731
-    true_base = pipe.encode_images(images, pipe.base_image_size)
+    true_base = pipe.encode_images(images, "base")
     rows = {"real images": images,
             "tokenizer, full size": pipe.decode_tokens(pipe.encode_images(images)),
-            "tokenizer, base size": up(pipe.decode_tokens(true_base))}
+            "tokenizer, base size": up(pipe.decode_tokens(true_base, "base"))}
     if pipe.superres is not None:
         rows["super-res from the real base tokens"] = pipe.decode_tokens(
-            pipe.superres_tokens(true_base, captions, seed=seed, **overrides))
+            pipe.superres_tokens(true_base, captions, seed=seed, **overrides), "superres")
     base, sr = pipe.generate_tokens(captions, seed=seed, **overrides)
-    rows["base stage samples"] = up(pipe.decode_tokens(base))
+    rows["base stage samples"] = up(pipe.decode_tokens(base, "base"))
     if sr is not None:
-        rows["whole cascade"] = pipe.decode_tokens(sr)
+        rows["whole cascade"] = pipe.decode_tokens(sr, "superres")
     out = {}
     for name, imgs in rows.items():
         rep = alignment.alignment_report(imgs, captions)
@@ -125,7 +130,8 @@ def run(workdir, out_dir, *, num_prompts: int = 200, seed: int = 0, steps: int |
     detector = scores.validate_detector(num=num_detector_images, seed=0, split="test")
     say("evaluating the tokenizer ...")
     tokenizer = tokenizer_eval.evaluate(workdir, config, num_tokenizer_images, inception_variables)
-    say(f"  psnr {tokenizer['psnr']:.2f} dB (32 px: {tokenizer['psnr_lowres']:.2f} dB), ssim {tokenizer['ssim']:.4f}, "
+    say(f"  psnr {tokenizer['psnr']:.2f} dB (base stage at {tokenizer['base_image_size']} px: "
+        f"{tokenizer['psnr_lowres']:.2f} dB), ssim {tokenizer['ssim']:.4f}, "
         f"codebook usage {tokenizer['codebook']['fraction_used']:.1%}")
 
     pipe = Pipeline.from_workdir(workdir)

@@ -1,5 +1,5 @@
 """Scores of generated images for `muse-jax eval`: text alignment (after validating the shapes
-detector) and FID, timed generation, and JSON output."""
+detector) and FID, the generation of a batch, timed generation, and JSON output."""
 from __future__ import annotations
 
 import json
@@ -60,6 +60,15 @@ def evaluate_images(
             images, lambda: features.shapes_images(seed, "test", num_reference), inception_variables, cache_dir,
             features.shapes_dataset_id(seed, "test", num_reference))
     return report
+
+
+def generate_batch(pipe, prompts: Sequence[str], *, seed: int, overrides: Mapping[str, Any] | None = None) -> np.ndarray:
+    """At most `pipe.options.batch_size` prompts -> uint8 images [n, S, S, 3], as every evaluation
+    generates: one padded program call per stage (sharded over the pipeline's mesh, if any), with
+    the batch's own `seed`, so an image depends only on its batch, its row and that seed."""
+    if len(prompts) > pipe.options.batch_size:
+        raise ValueError(f"{len(prompts)} prompts in one batch of at most {pipe.options.batch_size}")
+    return np.asarray(pipe.generate(list(prompts), seed=seed, **(overrides or {})))
 
 
 def timed_generation(generate: Callable[[Sequence[str]], np.ndarray], prompts: Sequence[str],

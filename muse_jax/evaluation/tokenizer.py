@@ -47,22 +47,26 @@ def scores(
     return report
 
 
+def _reconstruct(tok, images: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    tokens = [np.asarray(tok.encode(images[s:s + batch])) for s in range(0, len(images), batch)]
+    return np.concatenate(tokens), np.concatenate([np.asarray(tok.decode(t)) for t in tokens])
+
+
 def evaluate(workdir, config, num: int, inception_variables=None) -> dict[str, Any]:
-    """`scores` of W's tokenizer on the first `num` test images, plus PSNR at the base stage's size."""
-    tok = workdir_lib.load_image_tokenizer(workdir)
+    """`scores` of the super-res stage's tokenizer (the output images') on the first `num` test images,
+    plus `psnr_lowres`: the base stage's tokenizer at its input size (`base_image_size`, the images
+    area-downsampled as its token cache makes them). One shared tokenizer serves both when the
+    stages name none."""
+    toks = {s: workdir_lib.load_image_tokenizer(workdir, name=workdir_lib.stage_tokenizer(config, s))
+            for s in ("base", "superres")}
     source = sources.make_source(config.data, "test", workdir_lib.data_dir(workdir))
     images = np.stack([source[i]["image"] for i in range(min(num, len(source)))])
-    tokens, recons = [], []
-    for start in range(0, len(images), 64):
-        t = np.asarray(tok.encode(images[start:start + 64]))
-        tokens.append(t)
-        recons.append(np.asarray(tok.decode(t)))
-    result = scores(images, np.concatenate(recons), np.concatenate(tokens), tok.codebook_size,
-                    inception_variables=inception_variables)
-    # The base stage's resolution: images area-downsampled by 2 (as the token cache makes them).
-    low = image_ops.downsample_area(images, 2)
-    low_rec = np.concatenate([np.asarray(tok.decode(tok.encode(low[s:s + 64]))) for s in range(0, len(low), 64)])
-    result["psnr_lowres"] = float(np.mean(np.minimum(metrics.psnr(low, low_rec), 100.0)))
+    tokens, recons = _reconstruct(toks["superres"], images)
+    result = scores(images, recons, tokens, toks["superres"].codebook_size, inception_variables=inception_variables)
+    base_px = workdir_lib.check_stage_tokenizer(config, "base", toks["base"])
+    low = image_ops.downsample_area(images, images.shape[1] // base_px) if base_px != images.shape[1] else images
+    result["psnr_lowres"] = float(np.mean(np.minimum(metrics.psnr(low, _reconstruct(toks["base"], low)[1]), 100.0)))
+    result["base_image_size"] = base_px
     return result
 
 

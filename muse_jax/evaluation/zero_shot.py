@@ -205,7 +205,7 @@ def generate_chunks(pipe, prompts: Sequence[str], folder, stamp: dict, scorer: S
                 continue
             # else: the last chunk of a shorter evaluation, made again in full
         t0 = time.perf_counter()
-        images = np.asarray(pipe.generate(chunk_prompts, seed=chunk_seed(seed, k), **overrides))
+        images = scores.generate_batch(pipe, chunk_prompts, seed=chunk_seed(seed, k), overrides=overrides)
         t1 = time.perf_counter()
         features = scorer(images, chunk_prompts, b)
         t2 = time.perf_counter()
@@ -294,15 +294,19 @@ def score(chunks: dict[str, np.ndarray], reference, scorer: Scorer) -> dict[str,
 # ----------------------------------------------------------------------------------------------
 # The evaluation.
 
-def checkpoint_steps(workdir) -> dict[str, list[int]]:
+def checkpoint_steps(workdir) -> dict:
     """Every checkpoints/ folder of W up to two levels down (the tokenizers, the stages) and the
-    steps saved in it: what identifies the trained pipeline in the stamps."""
+    steps saved in it, and each stage's offline EMA (`muse-jax ema`, which sampling prefers): what
+    identifies the trained pipeline in the stamps."""
     root = pathlib.Path(workdir)
     found = {}
     for pattern in ("checkpoints", "*/checkpoints", "*/*/checkpoints"):
         for folder in sorted(root.glob(pattern)):
             steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
             found[str(folder.parent.relative_to(root))] = steps
+    for stage in ("base", "superres"):
+        if (root / stage).is_dir() and (ema := workdir_lib.ema_meta(root, stage)) is not None:
+            found[f"{stage}/ema"] = ema
     return found
 
 

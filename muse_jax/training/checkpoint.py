@@ -1,7 +1,7 @@
 """Checkpoints: one Orbax CheckpointManager with the data-iterator state, fallback, preemption.
 
 How to use (a training loop):
-    ckpt = Checkpointer(workdir / "checkpoints" / "base", save_every=500, keep=3)
+    ckpt = Checkpointer(workdir / "checkpoints" / "base", save_every=500, keep=3)   # keep_every=5000: and those
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             abstract_state, shardings)           # target shapes + shardings
     start = 0
@@ -36,6 +36,7 @@ import grain.python as grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 from muse_jax import paths
 
@@ -59,18 +60,26 @@ class Checkpointer:
         *,
         save_every: int = 1000,
         keep: int | None = 3,
+        keep_every: int = 0,
         async_save: bool = True,
     ):
         if save_every < 1:
             raise ValueError(f"save_every={save_every}: must be >= 1")
+        if keep_every < 0:
+            raise ValueError(f"keep_every={keep_every}: must be >= 0 (0: keep only the newest `keep`)")
         self.directory = paths.as_path(directory)  # a local path or a URI (gs://...), see muse_jax.paths
         if not paths.is_remote(self.directory):
             self.directory = self.directory.absolute()
         self.save_every = int(save_every)
+        policy = None
+        if keep_every:  # the newest `keep` checkpoints, and every one whose step is a multiple of keep_every
+            policy = checkpoint_managers.AnyPreservationPolicy(
+                [checkpoint_managers.LatestN(keep), checkpoint_managers.EveryNSteps(int(keep_every))])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            max_to_keep=None if policy else keep,  # a policy replaces max_to_keep
             create=True,
             enable_async_checkpointing=async_save,
+            preservation_policy=policy,
         )
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -181,6 +190,12 @@ class Checkpointer:
         self._manager.reload()
 
 
+def _absolute(directory):
+    """Orbax reads local checkpoints by absolute path only (a relative one finds no metadata)."""
+    directory = paths.as_path(directory)
+    return directory if paths.is_remote(directory) else directory.absolute()
+
+
 def restore_subtree(directory, target: Mapping[str, Any], step: int | None = None) -> tuple[Any, int]:
     """Only the named top-level fields of a saved `state` item, e.g. `{"params": abstract_params}`.
 
@@ -188,7 +203,7 @@ def restore_subtree(directory, target: Mapping[str, Any], step: int | None = Non
     ShapeDtypeStructs (with the shardings to place the arrays on). Without `step`, the newest
     readable step. Returns (subtree, step); raises `CheckpointError` naming what was tried.
     """
-    directory = paths.as_path(directory)
+    directory = _absolute(directory)
     steps = sorted(int(p.name) for p in directory.glob("[0-9]*") if p.name.isdigit()) if directory.is_dir() else []
     if not steps:
         raise CheckpointError(f"no checkpoints in {directory}")
@@ -218,7 +233,7 @@ def restore_subtree(directory, target: Mapping[str, Any], step: int | None = Non
 def saved_fields(directory, step: int) -> dict[str, int]:
     """Top-level fields of the `state` saved at `step` -> their number of arrays (0: None or empty)."""
     with ocp.PyTreeCheckpointer() as reader:
-        meta = reader.metadata(paths.as_path(directory) / str(step) / "state")
+        meta = reader.metadata(_absolute(directory) / str(step) / "state")
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     return {k: len(jax.tree_util.tree_leaves(v)) for k, v in dict(tree).items()}

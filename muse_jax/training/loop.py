@@ -36,17 +36,16 @@ log = logging.getLogger(__name__)
 
 
 def workdir_stage_data(config, workdir, stage: str, mesh=None, rules=None) -> stage_data.StageData:
-    """What `stage` trains on from W. Shapes: the token cache of the train split (built once with W's
-    tokenizer) and the captions as sentencepiece ids (joint T5) or frozen-T5 embeddings. Real data
+    """What `stage` trains on from W. Shapes: the token cache of the train split (built once with the
+    stages' tokenizers) and the captions as sentencepiece ids (joint T5) or frozen-T5 embeddings. Real data
     (`config.data.source`, muse_jax/data/image_text.py): streamed images and caption ids, tokenized
     inside the step by the stage's tokenizers (`streaming_stage_data`)."""
     if config.data.get("name") != "shapes":
         return streaming_stage_data(config, workdir, stage, mesh, rules)
     source = sources.make_source(config.data, "train", workdir_lib.data_dir(workdir))
-    stamp = {"data": config.data.to_dict(), "tokenizer": workdir_lib.tokenizer_identity(workdir)}
-    tokenizer = workdir_lib.load_image_tokenizer(workdir)
-    cache = token_cache.build_or_load(workdir_lib.cache_dir(workdir), "train", source, tokenizer, stamp,
-                                      progress=writer_lib.progress)
+    cache = shapes_token_cache(config, workdir, source)
+    tokenizer = workdir_lib.load_image_tokenizer(workdir, name=workdir_lib.stage_tokenizer(config, stage))
+    workdir_lib.check_stage_tokenizer(config, stage, tokenizer)
     captions = cache["captions"]
     spm = workdir_lib.text_tokenizer(workdir, config.text, captions=lambda: captions)
     if config.text.trainable:
@@ -54,6 +53,20 @@ def workdir_stage_data(config, workdir, stage: str, mesh=None, rules=None) -> st
     else:
         text = stage_data.frozen_text_embeddings(config, spm, captions, workdir_lib.text_cache_dir(workdir))
     return stage_data.from_token_cache(config, stage, cache, text, tokenizer=tokenizer)
+
+
+def shapes_token_cache(config, workdir, source) -> dict:
+    """The train split's tokens for both stages, each by its own tokenizer (`config.<stage>.tokenizer`)
+    at its own pixel size (`config.<stage>.grid_size` x the tokenizer's factor), built once."""
+    encoders, identity = {}, {}
+    for s in config_lib.STAGES:
+        name = workdir_lib.stage_tokenizer(config, s)
+        tok = workdir_lib.load_image_tokenizer(workdir, name=name)
+        encoders[s] = (tok, int(config[s].grid_size) * tok.factor)
+        identity[s] = {"name": name, "steps": workdir_lib.tokenizer_identity(workdir, name)}
+    stamp = {"data": config.data.to_dict(), "tokenizers": identity}
+    return token_cache.build_or_load(workdir_lib.cache_dir(workdir), "train", source, encoders, stamp,
+                                     progress=writer_lib.progress)
 
 
 def first_captions(config, num: int) -> list[str]:
@@ -233,7 +246,8 @@ def train_stage(
 
     model = workdir_lib.build_stage_model(config, stage)
     create, abstract, shardings = state_lib.state_setup(config, model, mesh, rules)
-    ckpt = ckpt_lib.Checkpointer(out_dir / "checkpoints", save_every=int(t.checkpoint_every), keep=t.keep_checkpoints)
+    ckpt = ckpt_lib.Checkpointer(out_dir / "checkpoints", save_every=int(t.checkpoint_every), keep=t.keep_checkpoints,
+                                 keep_every=int(t.get("keep_every", 0)))
     rng = jax.random.key(int(config.seed))
     init_rng, step_rng, sample_rng = jax.random.split(rng, 3)
     start = 0
@@ -246,8 +260,8 @@ def train_stage(
             log.info("resumed %s from step %d", stage, start)
         else:
             state = jax.jit(lambda r: nn.unbox(create(r)), out_shardings=shardings)(init_rng)
-    if start == 0 and t.get("init_from", ""):  # outside axis_rules: the loader places on its own device
-        state = state_lib.warm_start(state, shardings, workdir, stage, str(t.init_from), quiet)
+    if start == 0 and t.get("init_from", ""):  # outside axis_rules, like the restore target above
+        state = state_lib.warm_start(state, shardings, workdir, stage, str(t.init_from), mesh, rules, quiet)
 
     batch_keys = {k: np.asarray(v).ndim + 1 for k, v in data.first_example().items()}
     empty = {k: jnp.asarray(v) for k, v in data.empty_text.items()}

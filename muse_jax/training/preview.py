@@ -1,38 +1,52 @@
-"""Sample previews while a stage trains: the preview prompts decoded, above their tokenized references."""
+"""Sample previews while a stage trains: the preview prompts decoded, above their tokenized references.
+
+The sampler runs on the parameters where they are (sharded over the mesh, across processes on a
+pod): every process runs it, each gets the sampled tokens whole, and only process 0 writes images.
+"""
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from muse_jax import image_ops, sampling
 
 log = logging.getLogger(__name__)
 
 
-def preview_samples(model, params, data, rng, num_steps: int = 12) -> np.ndarray | None:
-    """Decodes the preview prompts with the sampler (12 steps, no guidance): uint8 images."""
-    if data.preview is None or data.tokenizer is None:
-        return None
-    p = {k: jnp.asarray(v) for k, v in data.preview.items()}
-    b = p["tokens"].shape[0]
+@functools.partial(jax.jit, static_argnames=("model", "num_steps"))
+def sample_tokens(model, params, preview, rng, num_steps: int = 12) -> jax.Array:
+    """The preview prompts decoded with the sampler (no guidance): int32 tokens [B, N]."""
+    b = preview["tokens"].shape[0]
     if model.text_encoder_config is not None:
-        emb = model.apply({"params": params}, p["text_ids"], p["text_mask"], method=model.encode_text)
+        emb = model.apply({"params": params}, preview["text_ids"], preview["text_mask"], method=model.encode_text)
     else:
-        emb = p["text_emb"]
-    extra = (p["lowres_tokens"],) if model.config.is_superres else ()
+        emb = preview["text_emb"]
+    extra = (preview["lowres_tokens"],) if model.config.is_superres else ()
 
     def logits_fn(tokens, step):
         del step
-        return model.apply({"params": params}, tokens, emb, p["text_mask"], *extra)
+        return model.apply({"params": params}, tokens, emb, preview["text_mask"], *extra)
 
     start = jnp.full((b, model.config.num_tokens), model.mask_token_id, jnp.int32)
-    out = sampling.decode(logits_fn, start, rng, mask_token_id=model.mask_token_id,
-                          options=sampling.DecodeOptions(num_steps=num_steps))
-    g = model.config.grid_size
-    images = np.asarray(data.tokenizer.decode(np.asarray(out).reshape(b, g, g)))
+    return sampling.decode(logits_fn, start, rng, mask_token_id=model.mask_token_id,
+                           options=sampling.DecodeOptions(num_steps=num_steps))
+
+
+def preview_samples(model, params, data, rng, num_steps: int = 12) -> np.ndarray | None:
+    """Decodes the preview prompts (12 steps, no guidance): uint8 images, samples above references."""
+    if data.preview is None or data.tokenizer is None:
+        return None
+    # Every process samples process 0's examples (a streamed preview is each process's first batch).
+    p = multihost_utils.broadcast_one_to_all(data.preview)
+    tokens = sample_tokens(model, params, p, rng, num_steps=num_steps)
+    tokens = multihost_utils.process_allgather(tokens, tiled=True)  # whole on every process, however sharded
+    b, g = len(tokens), model.config.grid_size
+    images = np.asarray(data.tokenizer.decode(tokens.reshape(b, g, g)))
     real = np.asarray(data.tokenizer.decode(np.asarray(p["tokens"]).reshape(b, g, g)))
     return np.concatenate([images, real], axis=0)  # top rows: samples; bottom: tokenized references
 
@@ -41,7 +55,7 @@ def write_preview(model, state, data, rng, writer, out_dir, step) -> None:
     """Preview samples to TensorBoard and `out_dir/samples/step_N.png`; never stops training."""
     params = state.ema_params if state.ema_params is not None else state.params
     try:
-        images = preview_samples(model, jax.device_get(params), data, rng)
+        images = preview_samples(model, params, data, rng)
     except Exception as e:  # a preview must never stop training
         log.warning("sample preview failed at step %d: %s", step, e)
         return

@@ -2,7 +2,7 @@
 
     create, abstract, shardings = state_setup(config, model, mesh, rules)
     state = jax.jit(lambda r: nn.unbox(create(r)), out_shardings=shardings)(rng)
-    state = warm_start(state, shardings, workdir, "superres", "base")   # config.train.init_from
+    state = warm_start(state, shardings, workdir, "superres", "base", mesh, rules)   # config.train.init_from
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from muse_jax import config as config_lib
 from muse_jax import workdir as workdir_lib
@@ -45,8 +44,8 @@ def warm_start_params(params, source) -> tuple[Any, list[str]]:
     base's position embeddings repeated over the high-res positions each covers; and for its low-res
     token encoder, which reads base-resolution tokens of the same codebook, the base's token and
     position embeddings and its blocks (`decoder/block_i`, whose cross-attention it lacks).
-    Returns the new params and the copied paths."""
-    src = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(source)[0]}
+    The leaves may be numpy or (sharded) jax arrays. Returns the new params and the copied paths."""
+    src = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(source)[0]}
     alias = {"['lowres_tokens']['embedding']": "['tokens']['embedding']",
              "['lowres_tokens']['embedding_norm']['bias']": "['tokens']['embedding_norm']['bias']",
              "['lowres_tokens']['embedding_norm']['scale']": "['tokens']['embedding_norm']['scale']",
@@ -72,27 +71,38 @@ def warm_start_params(params, source) -> tuple[Any, list[str]]:
         if v.shape != leaf.shape:
             return leaf
         copied.append(name)
-        return jnp.asarray(v, leaf.dtype)
+        return v.astype(leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(take, params), copied
 
 
-def warm_start(state, shardings, workdir, stage: str, source_stage: str, quiet: bool = False):
+def stage_param_shardings(workdir, stage: str, mesh, rules):
+    """The shardings of trained `stage`'s parameters on `mesh`, from the logical axis names of its model."""
+    config = workdir_lib.load_stage_config(workdir, stage)
+    model = workdir_lib.build_stage_model(config, stage)
+    inputs = abstract_inputs(model, config)
+    boxed = jax.eval_shape(lambda: transformer_lib.init_params(model, jax.random.key(0), inputs))
+    return partitioning.state_shardings(boxed, mesh, rules)
+
+
+def warm_start(state, shardings, workdir, stage: str, source_stage: str, mesh, rules, quiet: bool = False):
     """config.train.init_from: start `stage` from `source_stage`'s trained weights (fresh optimizer).
 
-    Every process reads the source stage's parameters whole and places its copy on the mesh."""
+    The source's parameters are read sharded over `mesh` as its own model's rules say, copied on the
+    mesh and placed on `shardings`: no process holds either stage's parameters whole."""
     if source_stage == stage or source_stage not in config_lib.STAGES:
         raise ValueError(f"config.train.init_from={source_stage!r}: expected another stage, one of "
                          f"{[s for s in config_lib.STAGES if s != stage]} (or '' for a random init)")
-    _, source, _ = workdir_lib.load_stage_params(workdir, source_stage)
-    params, copied = warm_start_params(jax.device_get(state.params), jax.device_get(source))
+    source_sharding = stage_param_shardings(workdir, source_stage, mesh, rules)
+    _, source, _ = workdir_lib.load_stage_params(workdir, source_stage, sharding=source_sharding)
+    params, copied = warm_start_params(state.params, source)
     if not copied:
         raise ValueError(f"config.train.init_from={source_stage!r}: no parameter of {stage} matches {source_stage}'s")
     if not quiet:
         n = len(jax.tree_util.tree_leaves(params))
         print(f"{stage}: {len(copied)} of {n} parameter arrays start from the trained {source_stage} stage")
-    # Host copies of their own: on CPU, device_put may alias a numpy buffer, and the train step
-    # donates params and EMA params (the EMA starts from the same weights).
-    own = lambda tree, sh: jax.device_put(jax.tree.map(lambda x: np.array(x, copy=True), tree), sh)  # noqa: E731
-    ema = None if state.ema_params is None else own(params, shardings.ema_params)
-    return state.replace(params=own(params, shardings.params), ema_params=ema)
+    # Fresh buffers of their own on the target shardings: the train step donates params and EMA
+    # params (the EMA starts from the same weights), so the two must not share one.
+    place = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=shardings.params)
+    ema = None if state.ema_params is None else place(params)
+    return state.replace(params=place(params), ema_params=ema)

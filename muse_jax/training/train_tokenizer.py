@@ -13,6 +13,7 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from muse_jax import config as config_lib
 from muse_jax import image_ops
@@ -217,7 +218,9 @@ def train(config, workdir, *, name: str = "", num_steps: int | None = None, quie
         if eval_loader is None:
             print("tokenizer: no config.data.eval_files, so no final evaluation")
         else:
-            tokenizer = vqgan.ImageTokenizer(vcfg, jax.device_get(state.params))
+            # Each process evaluates its share of the test split with a whole copy of the (small) VQGAN,
+            # gathered from the mesh however its shards are spread over processes.
+            tokenizer = vqgan.ImageTokenizer(vcfg, multihost_utils.process_allgather(state.params, tiled=True))
             metrics, (originals, recons) = evaluate(tokenizer, eval_loader, tcfg.eval_max_batches or None)
             result.update(metrics)
             writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in result.items() if k != "step"})
