@@ -32,3 +32,27 @@ def restore_jax_cache_config():
     yield
     jax.config.update("jax_compilation_cache_dir", before[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
+def run_process_group(cmd, *, env, timeout: float, name: str = "", cwd=None) -> tuple[int, str]:
+    """Runs `cmd` in a new process group -> (return code, stdout + stderr). On timeout the whole group
+    is killed and the test fails as a hang; any process left in the group is killed afterwards."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True, cwd=None if cwd is None else str(cwd))
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{name + ': ' if name else ''}timed out after {timeout}s (hang):\n{output[-4000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return proc.returncode, output
+

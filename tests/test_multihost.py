@@ -16,7 +16,6 @@ import concurrent.futures
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import time
@@ -153,21 +152,9 @@ def _launch(args, tmp_path, name, *, processes=2, timeout=300, wait_all=False, s
         cmd = ["bash", str(LOCAL_SH), "-n", str(processes), "-d", "2", "-t", str(timeout - 10), "-l", str(logs),
                *(["-w"] if wait_all else []), "--", sys.executable, str(worker), *args]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True, cwd=str(tmp_path))
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{name}: timed out after {timeout}s (hang):\n{output[-4000:]}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # any process left in the group
-        except ProcessLookupError:
-            pass
+    returncode, output = conftest.run_process_group(cmd, env=env, timeout=timeout, name=name, cwd=tmp_path)
     logs_text = {p.name: p.read_text() for p in sorted(logs.glob("*.log"))} if logs.exists() else {}
-    return proc.returncode, output, logs_text, time.monotonic() - t0
+    return returncode, output, logs_text, time.monotonic() - t0
 
 
 def _result(out, stage="base"):

@@ -20,8 +20,6 @@ import json
 import os
 import pathlib
 import re
-import signal
-import subprocess
 import sys
 import time
 
@@ -134,22 +132,10 @@ def _launch(tmp_path, name, args, overrides, env, timeout, wait_all=False):
     env = dict(os.environ, **env, OVERRIDES=json.dumps(overrides), PYTHON=sys.executable,
                XLA_FLAGS=conftest.TEST_XLA_FLAGS)  # local.sh adds the device count
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True, cwd=str(tmp_path))
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{name}: timed out after {timeout}s (hang):\n{output[-4000:]}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # any process left in the group
-        except ProcessLookupError:
-            pass
+    returncode, output = conftest.run_process_group(cmd, env=env, timeout=timeout, name=name, cwd=tmp_path)
     p0 = (logs / "process_0.log").read_text() if (logs / "process_0.log").exists() else ""
     p1 = (logs / "process_1.log").read_text() if (logs / "process_1.log").exists() else ""
-    return proc.returncode, output, p0, p1, time.monotonic() - t0
+    return returncode, output, p0, p1, time.monotonic() - t0
 
 
 def _losses(log, stage):

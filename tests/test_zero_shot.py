@@ -7,8 +7,6 @@ small CLIP get random weights, written to files as the user's would be."""
 import json
 import os
 import pathlib
-import signal
-import subprocess
 import sys
 import tempfile
 
@@ -373,20 +371,8 @@ def test_evaluation_on_two_real_processes_equals_one_process(env, scorer, tmp_pa
     cmd = ["bash", str(ROOT / "launch" / "local.sh"), "-n", "2", "-d", "2", "-t", "140", "-l", str(logs), "--",
            sys.executable, str(tmp_path / "worker.py"), "eval", "--workdir", str(env), "--out", str(tmp_path / "two"),
            *common]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"timed out after 150s (hang):\n{output[-4000:]}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # any process left in the group
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == 0, output[-4000:] + "".join(p.read_text()[-2000:] for p in logs.glob("*.log"))
+    returncode, output = conftest.run_process_group(cmd, env=environ, timeout=150)
+    assert returncode == 0, output[-4000:] + "".join(p.read_text()[-2000:] for p in logs.glob("*.log"))
 
     p0, p1 = (json.loads((logs / f"process_{i}.json").read_text()) for i in range(2))
     lines = prompts.read_text().splitlines()
