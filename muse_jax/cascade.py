@@ -143,9 +143,10 @@ class Stage:
                    cfg.lowres_grid_size)
 
     @classmethod
-    def from_workdir(cls, workdir, name: str, sharding=None) -> Stage:
-        """A trained stage ("base" or "superres") of W: its parameters (EMA where kept) and text tokenizer."""
-        model, params, config = workdir_lib.load_stage_params(workdir, name, sharding=sharding)
+    def from_workdir(cls, workdir, name: str, sharding=None, step: int | None = None) -> Stage:
+        """A trained stage ("base" or "superres") of W: its parameters (EMA where kept; the checkpoint of
+        `step` if given, default the newest) and text tokenizer."""
+        model, params, config = workdir_lib.load_stage_params(workdir, name, sharding=sharding, step=step)
         spm = workdir_lib.text_tokenizer(workdir, config.text)
         if model.text_encoder_config is not None:
             return cls.from_model(name, model, params, spm)
@@ -224,8 +225,9 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
-    def from_workdir(cls, workdir, mesh=None, **overrides) -> Pipeline:
-        """Loads W's image tokenizer and trained stages; `overrides` replace `config.sample` keys."""
+    def from_workdir(cls, workdir, mesh=None, steps: dict | None = None, **overrides) -> Pipeline:
+        """Loads W's image tokenizer and trained stages (the checkpoints of `steps` = {stage: step} where
+        given, else the newest); `overrides` replace `config.sample` keys."""
         workdir = workdir_lib.path(workdir)  # local or a bucket URI (gs://...)
         if not workdir.is_dir():
             raise FileNotFoundError(f"workdir {workdir} does not exist")
@@ -240,7 +242,7 @@ class Pipeline:
 
         def stage(name):  # with a mesh: each parameter restored into the shards of its logical axes
             sharding = None if mesh is None else state_lib.stage_param_shardings(workdir, name, mesh, rules)
-            return Stage.from_workdir(workdir, name, sharding)
+            return Stage.from_workdir(workdir, name, sharding, step=(steps or {}).get(name))
 
         base = stage("base")
         try:

@@ -48,7 +48,8 @@ def _eval(args, overrides):
         args.workdir, args.out, num_prompts=args.num_prompts, seed=args.seed, steps=args.steps,
         sr_steps=args.sr_steps, guidance=args.guidance,
         sweep_steps=[int(v) for v in floats(args.sweep_steps)], sweep_guidance=floats(args.sweep_guidance),
-        sweep_prompts=args.sweep_prompts, num_stage_images=args.stage_images, inception_path=args.inception,
+        sweep_prompts=args.sweep_prompts, num_stage_images=args.stage_images, curve_points=args.curve_points,
+        inception_path=args.inception,
     )
 
 
@@ -232,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage-images", type=int, default=48,
                    help="test images of one and of two objects (each) scored stage by stage "
                         "(tokenizer, super-res, base; 0: skip)")
+    p.add_argument("--curve-points", type=int, default=0,
+                   help="text alignment at N evenly spaced checkpoints of training, plotted to OUT/curve.png "
+                        "(they must have been kept: config.train.keep_every; 0: skip)")
     p.add_argument("--inception", help="InceptionV3 FID weights (pytorch-fid .pth or .npz) for a standard FID")
     p.add_argument("--seed", type=int, default=0)
     z = p.add_argument_group("zero-shot evaluation on a caption set (with --prompts; see evaluation/zero_shot.py)")

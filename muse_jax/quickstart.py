@@ -129,7 +129,7 @@ def run(workdir: str, config_spec: str = "shapes", overrides=()) -> pathlib.Path
         ev = eval_run.run(workdir, workdir / "eval", num_prompts=q.eval_prompts, sweep_steps=tuple(q.sweep_steps),
                           sweep_guidance=tuple(q.sweep_guidance), sweep_prompts=q.sweep_prompts,
                           num_tokenizer_images=q.tokenizer_images, num_detector_images=q.detector_images,
-                          num_stage_images=q.get("stage_images", 0))
+                          num_stage_images=q.get("stage_images", 0), curve_points=q.get("curve_points", 0))
         ev_path.with_suffix(".stamp.json").write_text(json.dumps(stamp))
     timings["evaluation"] = time.time() - t
     timings["total"] = time.time() - t_all

@@ -262,6 +262,9 @@ def load_stage_params(workdir, stage: str, *, step: int | None = None, use_ema: 
     target = ckpt_lib.abstract_with_shardings(abstract, shardings)
     ckpt = checkpoint_dir(workdir, stage)
     steps = checkpoint_steps(workdir, stage)
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"cannot load the {stage} stage from {workdir}: no checkpoint of step {step} "
+                                f"(kept: {steps})")
     field = "params"
     offline = ema_meta(workdir, stage) if use_ema and step is None else None
     if offline is not None:

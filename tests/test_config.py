@@ -83,3 +83,28 @@ def test_paper_configs_are_variants_of_one_file():
         assert (t.batch_size, t.num_steps, t.init_from) == (512, 1_000_000, "")
     with pytest.raises(ValueError, match="variant"):
         config_lib.load_config("paper:muse_9b")
+
+
+def test_shapes_long_is_the_cascade_of_a_tokenizer_per_stage_with_a_curve():
+    from muse_jax.models import vqgan
+    from muse_jax.training import loop
+
+    long, default = config_lib.load_config("shapes:long"), config_lib.load_config("shapes")
+    assert config_lib.load_config("shapes_long").to_dict() == long.to_dict()
+    with pytest.raises(ValueError, match="unknown variant"):
+        config_lib.build_config("shapes:longer")
+    # Each stage's tokens come from its own tokenizer, at the size its grid needs.
+    for stage, px in (("base", 32), ("superres", 64)):
+        tok = config_lib.tokenizer_config(long, long[stage].tokenizer)
+        factor = vqgan.VQGANConfig.from_dict(tok.vqgan).factor
+        assert long[stage].grid_size * factor == tok.train_tokenizer.image_size == px
+        assert tok.train_tokenizer.lowres_every == 0
+    assert long.superres.lowres_grid_size == long.base.grid_size == 16
+    assert default.base.tokenizer == default.superres.tokenizer == "" and "tokenizers" not in default
+    # The curve's checkpoints (k/4 of each stage's steps) are ones the stage keeps.
+    points = long.quickstart.curve_points
+    for stage in ("base", "superres"):
+        t = loop.stage_config(long, stage).train
+        for k in range(1, points + 1):
+            step = t.num_steps * k // points
+            assert t.num_steps * k % points == 0 and step % t.keep_every == 0 and step % t.checkpoint_every == 0

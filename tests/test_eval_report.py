@@ -105,3 +105,55 @@ def test_stage_breakdown_scores_each_stage_from_its_own_images():
     assert "relation" not in good["real images"]["attributes"]  # one-object captions state no relation
     with pytest.raises(ValueError, match="1 or 2 objects"):
         run.stage_breakdown(_ImagePipeline(), 12, objects=3)
+
+
+def _kept_checkpoints(workdir, stage, num_steps, steps):
+    import json
+
+    (workdir / stage / "checkpoints").mkdir(parents=True)
+    (workdir / stage / "config.json").write_text(json.dumps({"train": {"num_steps": num_steps}}))
+    for s in steps:
+        (workdir / stage / "checkpoints" / str(s)).mkdir()
+
+
+def test_training_curve_scores_evenly_spaced_checkpoints(tmp_path, monkeypatch):
+    import json
+
+    import PIL.Image
+
+    from muse_jax import cascade
+    from muse_jax.evaluation import report, run
+
+    _kept_checkpoints(tmp_path, "base", 300, (100, 200, 300))
+    _kept_checkpoints(tmp_path, "superres", 90, (30, 60, 90))
+    assert run.curve_steps(tmp_path, 3) == [{"base": 100, "superres": 30}, {"base": 200, "superres": 60},
+                                            {"base": 300, "superres": 90}]
+    assert run.curve_steps(tmp_path, 1) == [{"base": 300, "superres": 90}]
+    with pytest.raises(FileNotFoundError, match="keep_every"):
+        run.curve_steps(tmp_path, 2)  # step 150 was not kept
+    with pytest.raises(ValueError, match="at least one point"):
+        run.curve_steps(tmp_path, 0)
+
+    class Pipe:  # more of the prompts drawn right the longer the base stage trained
+        options = cascade.SampleOptions(batch_size=8)
+
+        def __init__(self, steps):
+            self.right = steps["base"] / 300
+
+        def generate(self, prompts, seed=0, **overrides):
+            good = _render_prompts(prompts)
+            wrong = np.full_like(good, 128)
+            return np.stack([g if i < self.right * len(prompts) else w for i, (g, w) in enumerate(zip(good, wrong))])
+
+    loaded = []
+    monkeypatch.setattr(cascade.Pipeline, "from_workdir", classmethod(
+        lambda cls, workdir, steps=None, **kw: loaded.append(steps) or Pipe(steps)))
+    curve = run.training_curve(tmp_path, tmp_path, 3, num_prompts=24, say=lambda *a: None)
+    assert loaded == run.curve_steps(tmp_path, 3)
+    alls = [r["all"] for r in curve["results"]]
+    assert alls[0] < alls[1] < alls[2] == 1.0
+    assert json.loads((tmp_path / "curve.json").read_text())["results"][2]["steps"] == {"base": 300, "superres": 90}
+    assert PIL.Image.open(curve["png"]).size[0] > 300
+    lines = report._curve_lines(curve)
+    assert "![training curve](eval/curve.png)" in lines
+    assert any(line.startswith("| base 300, superres 90 | 100.0 % |") for line in lines)

@@ -155,3 +155,21 @@ def test_fsdp_sharded_pipeline_matches_one_device(tmp_path):
     np.testing.assert_array_equal(fsdp["inpainted"][~masks], images[~masks])
     close = np.abs(one["inpainted"].astype(int) - fsdp["inpainted"]).reshape(8, -1).max(1) <= 1
     assert close.sum() >= 7 and (fsdp["inpainted"][masks] != images[masks]).mean() > 0.5
+
+
+def test_pipeline_loads_the_checkpoints_it_is_asked_for(tmp_path):
+    w = tmp_path / "w"
+    states = _tiny_workdir(w)  # base and super-res checkpoints of step 2
+    ckpt = ckpt_lib.Checkpointer(workdir_lib.checkpoint_dir(w, "base"), async_save=False)
+    ckpt.save(4, _random(states["base"], 7), force=True)
+    ckpt.close()
+    leaves = lambda tree: [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]  # noqa: E731
+    step = {s: leaves(workdir_lib.load_stage_params(w, "base", step=s)[1]) for s in (2, 4)}
+    assert any((a != b).any() for a, b in zip(step[2], step[4]))
+    newest, older = cascade.Pipeline.from_workdir(w), cascade.Pipeline.from_workdir(w, steps={"base": 2})
+    for got, want in ((newest.base.params, step[4]), (older.base.params, step[2]),
+                      (older.superres.params, leaves(newest.superres.params))):
+        for a, b in zip(leaves(got), want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileNotFoundError, match="cannot load the base stage"):
+        cascade.Pipeline.from_workdir(w, steps={"base": 3})

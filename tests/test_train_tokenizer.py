@@ -103,6 +103,29 @@ def test_train_resume_and_load(tmp_path, capsys):
         np.testing.assert_array_equal(got, np.asarray(tok_a.reconstruct(images[i : i + 1]))[0])
 
 
+def test_tokenizer_at_the_base_stage_size_trains_on_downsampled_images(tmp_path):
+    """shapes:long's base tokenizer: f2 at 32 px, the 64 px images area-downsampled by 2."""
+    from muse_jax import image_ops
+
+    cfg = config_lib.load_config("shapes:long", TINY)
+    with cfg.unlocked():
+        cfg.tokenizers.base.train_tokenizer.update(dict(batch_size=4, num_steps=4))
+    result = train_tokenizer.train(cfg, tmp_path, name="base", quiet=True)
+    tok = workdir.load_image_tokenizer(tmp_path, name="base")
+    assert tok.factor == 2 and result["step"] == 4
+    # The final evaluation reconstructed the first 4 test images at 32 px.
+    small = image_ops.downsample_area(_images(4, "test"), 2)
+    rec = np.asarray(tok.decode(tok.encode(small)))
+    assert rec.shape == (4, 32, 32, 3)
+    mse = ((rec.astype(np.float64) - small) ** 2).mean((1, 2, 3))
+    np.testing.assert_allclose(result["psnr"], np.mean(10 * np.log10(255.0**2 / mse)), rtol=1e-6)
+
+    with cfg.unlocked():
+        cfg.tokenizers.base.train_tokenizer.image_size = 48
+    with pytest.raises(ValueError, match="must divide the shapes images' 64 px"):
+        train_tokenizer.train(cfg, tmp_path / "other", name="base", quiet=True)
+
+
 def test_missing_or_corrupt_tokenizer_errors(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no trained tokenizer"):
         workdir.load_image_tokenizer(tmp_path)

@@ -1,6 +1,6 @@
 """Named configs: `get_config(arg)` modules returning an `ml_collections.ConfigDict`.
 
-  shapes            the embedded default (procedural shapes, CPU)
+  shapes            the embedded default (procedural shapes, CPU); shapes:long, its longer recipe
   smoke             the paper-shaped pipeline (real data, a tokenizer per stage) at laptop size
   paper:VARIANT     the paper's transformers: muse_632m, muse_3b, superres_268m
   vqgan:VARIANT     the paper's tokenizers: f16 (256 px), f8 (512 px)
@@ -13,6 +13,7 @@
 MODULES = ("shapes", "smoke", "paper", "vqgan", "t5", "data")  # t5 and data give one section, not a whole config
 NAMES = {
     "shapes": ("shapes", None),
+    "shapes_long": ("shapes", "long"),
     "smoke": ("smoke", None),
     "muse_632m": ("paper", "muse_632m"),
     "muse_3b": ("paper", "muse_3b"),

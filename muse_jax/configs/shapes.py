@@ -2,12 +2,17 @@
 
 Usage: `muse-jax <command> --config shapes --config.data.batch_size=64`.
 Each stage of the pipeline has its own section.
+
+  shapes        the quickstart: sized for ~20 minutes on a 2-core CPU without AVX-512/AMX
+  shapes:long   a tokenizer per stage and a 16x16-token base stage, trained longer, with text
+                alignment measured at four checkpoints of training (about an hour on that CPU)
 """
 import ml_collections
 
 
 def get_config(arg=None):
-    del arg
+    if arg not in (None, "", "long"):
+        raise ValueError(f"config shapes:{arg}: unknown variant (expected shapes or shapes:long)")
     config = ml_collections.ConfigDict()
     config.name = "shapes"
     config.seed = 0
@@ -67,7 +72,7 @@ def get_config(arg=None):
 
     # Tokenizer training (muse_jax/training/train_tokenizer.py, tokenizer_step.py).
     t = config.train_tokenizer = ml_collections.ConfigDict()
-    t.num_steps = 1550
+    t.num_steps = 1200
     t.batch_size = 8
     t.image_size = 64
     # Every lowres_every-th batch is area-downsampled to 32 px, the base stage's resolution: one
@@ -85,7 +90,7 @@ def get_config(arg=None):
     t.usage_decay = 0.99
     t.dead_code_fraction = 0.03  # dead: usage EMA < fraction / codebook_size
     t.restart_every = 50
-    t.restart_until = 1100
+    t.restart_until = 900
     # Adversarial loss (off when adversarial_weight == 0): patch discriminator.
     t.adversarial_weight = 0.0
     t.adversarial_loss = "hinge"  # or "non_saturating"
@@ -144,7 +149,7 @@ def get_config(arg=None):
 
     # Transformer training (muse_jax/training/{optimizer,step,loop}.py), shared by both stages.
     t = config.train = ml_collections.ConfigDict()
-    t.num_steps = 2000
+    t.num_steps = 1700
     t.batch_size = 16  # global; must divide over the mesh's data*fsdp axes
     t.optimizer = "adamw"  # or "adafactor"
     t.lr = 2e-3  # the paper's 1e-4 is for its 632M/3B models; tiny models take a larger step
@@ -172,7 +177,7 @@ def get_config(arg=None):
     config.train_base = ml_collections.ConfigDict()
     # The super-res stage starts from the trained base's weights (init_from; a departure from Muse,
     # which trains each stage from scratch).
-    config.train_superres = ml_collections.ConfigDict(dict(batch_size=8, num_steps=900, init_from="base"))
+    config.train_superres = ml_collections.ConfigDict(dict(batch_size=8, num_steps=650, init_from="base"))
 
     # Sampling and editing (muse_jax/sampling.py, editing.py, cascade.py; `muse-jax sample|edit`).
     # Muse uses 24 base / 8 super-res steps for 256 / 4096 tokens; 8x8 base tokens need fewer.
@@ -195,10 +200,35 @@ def get_config(arg=None):
     # The quickstart's evaluation (muse_jax/quickstart.py -> `muse-jax eval`).
     q = config.quickstart = ml_collections.ConfigDict()
     q.eval_prompts = 200  # test-split prompts, equally over the four groups
-    q.sweep_steps = (4, 8, 12, 24)  # base decoding steps swept (time per image beside each)
-    q.sweep_guidance = (0.0, 1.0, 3.0, 5.0)
+    # Decoding sweeps, off in the quickstart (`muse-jax eval --sweep-steps 4,8,12,24 --sweep-guidance 0,1,3,5`):
+    # base decoding steps and guidance scales, with the time per image beside each.
+    q.sweep_steps = ()
+    q.sweep_guidance = ()
     q.sweep_prompts = 32  # a multiple of config.sample.batch_size: no padded images in the timings
-    q.tokenizer_images = 500  # test images for PSNR/SSIM/rFID
+    q.tokenizer_images = 300  # test images for PSNR/SSIM/rFID
     q.detector_images = 500  # real test images the detector must judge >= 99 % right first
-    q.stage_images = 48  # test images of one and of two objects (each) scored stage by stage (0: skip)
+    q.stage_images = 32  # test images of one and of two objects (each) scored stage by stage (0: skip)
+    q.curve_points = 0  # > 0: text alignment at this many evenly spaced checkpoints (kept: train.keep_every)
+    if arg == "long":
+        _long(config)
     return config
+
+
+def _long(config):
+    """shapes:long: the paper's layout on shapes. A tokenizer per stage: the base stage sees the whole
+    scene at 32 px through an f2 VQGAN (16x16 tokens, a small object ~3.5 tokens wide; the default's
+    8x8 tokens of f4 at 32 px lose the shapes of small objects), and super-res maps those to 16x16 f4
+    tokens of the 64 px image. Each transformer trains longer; kept checkpoints give the training curve."""
+    config.name = "shapes_long"
+    config.train_tokenizer.update(dict(num_steps=1200, lowres_every=0, restart_until=900))
+    config.tokenizers = ml_collections.ConfigDict({
+        "base": {"vqgan": {"channels": (16, 32)},
+                 "train_tokenizer": {"image_size": 32, "batch_size": 16, "num_steps": 1000, "restart_until": 800}},
+        "superres": {"vqgan": {}},
+    })
+    config.base.update(dict(grid_size=16, tokenizer="base"))
+    config.superres.update(dict(lowres_grid_size=16, tokenizer="superres"))
+    t = config.train
+    t.num_steps, t.checkpoint_every, t.keep_every, t.sample_every = 3000, 750, 750, 0
+    config.train_superres.update(dict(num_steps=1200, checkpoint_every=300, keep_every=300))
+    config.quickstart.curve_points = 4

@@ -30,6 +30,22 @@ def _stage_lines(stages: dict | None) -> list[str]:
     return lines
 
 
+def _curve_lines(curve: dict | None) -> list[str]:
+    """Markdown: text alignment against training steps (`evaluation.run.training_curve`), if it was run."""
+    if not curve:
+        return []
+    rows = curve["results"]
+    groups = list(rows[0]["groups"])
+    return [
+        "### Text alignment against training steps", "",
+        "The same prompts and decoding settings at evenly spaced checkpoints of training:", "",
+        "![training curve](eval/curve.png)", "",
+        "| steps | all | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups),
+        *[f"| {', '.join(f'{k} {v}' for k, v in r['steps'].items())} | {_pct(r['all'])} | "
+          + " | ".join(_pct(r["groups"][g]) for g in groups) + " |" for r in rows], "",
+    ]
+
+
 def write_report(workdir: pathlib.Path, cfg, ev: dict, timings: dict) -> pathlib.Path:
     """W/report.md: the sample grids, the metrics, and the commands to sample and edit."""
     gen, tok = ev["generation"], ev["tokenizer"]
@@ -54,6 +70,7 @@ def write_report(workdir: pathlib.Path, cfg, ev: dict, timings: dict) -> pathlib
         "", f"In-domain FID (shapes features) against 1000 test images: {gen['fid_shapes']:.2f}; "
         f"sampling {gen['sec_per_image'] * 1000:.0f} ms per image (after compilation).", "",
         *_stage_lines(ev.get("stages")),
+        *_curve_lines(ev.get("curve")),
         "## Tokenizer", "",
         f"PSNR {tok['psnr']:.2f} dB (the base stage's tokenizer at its {tok.get('base_image_size', '?')} px: "
         f"{tok.get('psnr_lowres', float('nan')):.2f} dB), "

@@ -5,6 +5,7 @@ Writes into OUT:
   samples.png              the generated images, one row per prompt group
   sweep_steps.{json,png}   quality and time per image against decoding steps (with --sweep)
   sweep_guidance.{json,png} ... against the guidance scale (with --sweep)
+  curve.{json,png}         text alignment at evenly spaced checkpoints of training (with --curve-points)
 """
 from __future__ import annotations
 
@@ -96,6 +97,68 @@ def stage_breakdown(pipe, num: int, seed: int = 0, overrides: dict | None = None
     return out
 
 
+def curve_steps(workdir, points: int) -> list[dict[str, int]]:
+    """The checkpoints of a training curve: {stage: step} at 1/points, 2/points, ... 1 of each trained
+    stage's schedule (config.train.num_steps); they must have been kept (config.train.keep_every)."""
+    if points < 1:
+        raise ValueError(f"a training curve needs at least one point, got points={points}")
+    stages = [s for s in ("base", "superres") if workdir_lib.checkpoint_dir(workdir, s).is_dir()]
+    rows = []
+    for k in range(1, points + 1):
+        row = {}
+        for stage in stages:
+            total = int(workdir_lib.load_stage_config(workdir, stage).train.num_steps)
+            step, kept = round(total * k / points), workdir_lib.checkpoint_steps(workdir, stage)
+            if step not in kept:
+                raise FileNotFoundError(
+                    f"training curve: {stage} has no checkpoint of step {step} ({k}/{points} of {total} steps; kept: "
+                    f"{kept}); set config.train.keep_every (and checkpoint_every) to divide {step}")
+            row[stage] = step
+        rows.append(row)
+    return rows
+
+
+def training_curve(workdir, out_dir, points: int, *, num_prompts: int = 200, seed: int = 0,
+                   overrides: dict | None = None, say=print) -> dict[str, Any]:
+    """Text alignment of the cascade at `points` evenly spaced checkpoints of training (`curve_steps`),
+    on the same prompts and decoding settings at each; writes OUT/curve.{json,png}."""
+    from muse_jax.cascade import Pipeline
+
+    prompts = alignment.eval_prompts(num_prompts, seed=seed)
+    rows = []
+    for steps in curve_steps(workdir, points):
+        pipe = Pipeline.from_workdir(workdir, steps=steps)
+        images, _ = generate_images(pipe, prompts, seed, overrides or {})
+        align = alignment.alignment_report(images, prompts)
+        rows.append({"steps": steps, "all": align["all"],
+                     "groups": {g: align["groups"][g]["all"] for g in GROUPS if g in align["groups"]}})
+        say(f"  curve {steps}: all {align['all']:.1%}; " + ", ".join(f"{g} {v:.1%}" for g, v in rows[-1]["groups"].items()))
+    out_dir = pathlib.Path(out_dir)
+    scores.write_json({"results": rows}, str(out_dir / "curve.json"))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["steps"]["base"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for g in GROUPS:
+        ax.plot(x, [r["groups"].get(g, float("nan")) for r in rows], marker="o", label=g)
+    ax.plot(x, [r["all"] for r in rows], marker="s", color="black", label="all")
+    ax.set_xticks(x, [f"{r['steps']['base']}\n" + (f"sr {r['steps']['superres']}" if "superres" in r["steps"] else "")
+                      for r in rows])
+    ax.set_xlabel("training steps (base; super-res)")
+    ax.set_ylabel("text alignment (fully correct)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "curve.png", dpi=100)
+    plt.close(fig)
+    return {"results": rows, "png": str(out_dir / "curve.png")}
+
+
 def _samples_grid(images: np.ndarray, prompts: Sequence[str], path: pathlib.Path, per_group: int = 8) -> None:
     rows = []
     for g in GROUPS:
@@ -111,7 +174,7 @@ def _samples_grid(images: np.ndarray, prompts: Sequence[str], path: pathlib.Path
 def run(workdir, out_dir, *, num_prompts: int = 200, seed: int = 0, steps: int | None = None,
         sr_steps: int | None = None, guidance: float | None = None, sweep_steps: Sequence[int] = (),
         sweep_guidance: Sequence[float] = (), sweep_prompts: int = 64, num_tokenizer_images: int = 500,
-        num_detector_images: int = 500, num_stage_images: int = 0,
+        num_detector_images: int = 500, num_stage_images: int = 0, curve_points: int = 0,
         inception_path: str | None = None, quiet: bool = False) -> dict[str, Any]:
     """Evaluates workdir W at its default decoding settings (or the ones given); returns the report."""
     from muse_jax.cascade import Pipeline
@@ -168,8 +231,14 @@ def run(workdir, out_dir, *, num_prompts: int = 200, seed: int = 0, steps: int |
         json_path, png_path = sweep.write_sweep(rows, str(out_dir), f"sweep_{name}", x=name)
         sweeps[name] = {"results": rows, "json": json_path, "png": png_path}
 
+    curve = None
+    if curve_points:
+        say(f"text alignment at {curve_points} checkpoints of training ...")
+        curve = training_curve(workdir, out_dir, curve_points, num_prompts=num_prompts, seed=seed,
+                               overrides=overrides, say=say)
+
     result = {"workdir": str(workdir), "detector_accuracy": detector, "tokenizer": tokenizer,
-              "generation": main, "stages": stages, "sweeps": sweeps, "seconds": time.time() - t0}
+              "generation": main, "stages": stages, "sweeps": sweeps, "curve": curve, "seconds": time.time() - t0}
     scores.write_json(result, str(out_dir / "eval.json"))
     say(f"wrote {out_dir / 'eval.json'} ({result['seconds']:.0f}s)")
     return result

@@ -100,13 +100,20 @@ def _is_shapes(config) -> bool:
     return config.data.get("name") == "shapes"
 
 
+def shapes_scale(config, workdir, image_size: int) -> int:
+    """How much the shapes images are area-downsampled to `image_size` (1: used as they are)."""
+    size = sources.make_source(config.data, "test", workdir_lib.data_dir(workdir))[0]["image"].shape[0]
+    if image_size > size or size % image_size:
+        raise ValueError(f"config.train_tokenizer.image_size={image_size} must divide the shapes images' "
+                         f"{size} px (they are area-downsampled to it)")
+    return size // image_size
+
+
 def train_batches(config, workdir, image_size: int, batch_size: int):
-    """This process's training batches of `image_size` images (a checkpointable iterator)."""
+    """This process's training batches (a checkpointable iterator); shapes images come at their own size
+    (the loop downsamples them, `shapes_scale`), real images at `image_size`."""
     if _is_shapes(config):
         source = sources.make_source(config.data, "train", workdir_lib.data_dir(workdir))
-        if source[0]["image"].shape[0] != image_size:
-            raise ValueError(f"config.train_tokenizer.image_size={image_size}, but the shapes images are "
-                             f"{source[0]['image'].shape[0]} px")
         return iter(loader_lib.make_loader(source, batch_size=batch_size, seed=config.data.shuffle_seed))
     return image_text.Batches(image_text.make_dataset(config.data, "train", image_size=image_size), batch_size)
 
@@ -115,7 +122,9 @@ def eval_batches(config, workdir, image_size: int, batch_size: int):
     """The test split in batches for the final evaluation; None for real data without eval files."""
     if _is_shapes(config):
         source = sources.make_source(config.data, "test", workdir_lib.data_dir(workdir))
-        return loader_lib.make_loader(source, batch_size=batch_size, shuffle=False, num_epochs=1, drop_remainder=False)
+        loader = loader_lib.make_loader(source, batch_size=batch_size, shuffle=False, num_epochs=1, drop_remainder=False)
+        scale = shapes_scale(config, workdir, image_size)
+        return ({"image": image_ops.downsample_area(b["image"], scale)} for b in loader) if scale > 1 else loader
     if config.data.source != "tfds" and not config.data.get("eval_files", ""):
         return None
     return image_text.Batches(image_text.make_dataset(config.data, "eval", image_size=image_size), batch_size)
@@ -155,6 +164,7 @@ def train(config, workdir, *, name: str = "", num_steps: int | None = None, quie
     partitioning.check_batch_divides(tcfg.batch_size, mesh, rules)
     local_batch = loader_lib.per_process_batch_size(tcfg.batch_size)
     it = train_batches(config, workdir, image_size, local_batch)
+    scale = shapes_scale(config, workdir, image_size) if _is_shapes(config) else 1
 
     # State, sharded by the logical-axis rules.
     model, disc, tx, dtx, create_state = tokenizer_lib.build(vcfg, tcfg, image_size)
@@ -188,6 +198,8 @@ def train(config, workdir, *, name: str = "", num_steps: int | None = None, quie
         with ckpt_lib.PreemptionHandler() as preempt:
             for step in bar:
                 images = next(it)["image"]
+                if scale > 1:
+                    images = image_ops.downsample_area(images, scale)
                 if lowres_every and step % lowres_every == lowres_every - 1:
                     # The base stage tokenizes images at half the size (2x2 area means): train on those too.
                     images = image_ops.downsample_area(images, 2)
