@@ -74,7 +74,7 @@ def get_config(arg=None):
     t = config.train_tokenizer = ml_collections.ConfigDict()
     t.num_steps = 1200
     t.batch_size = 8
-    t.image_size = 64
+    t.image_size = 64  # below the shapes images' 64 px: they are area-downsampled to it
     # Every lowres_every-th batch is area-downsampled to 32 px, the base stage's resolution: one
     # tokenizer serves both stages (the paper trains one per resolution). 0 = 64 px only.
     t.lowres_every = 3
