@@ -102,13 +102,13 @@ def curve_steps(workdir, points: int) -> list[dict[str, int]]:
     stage's schedule (config.train.num_steps); they must have been kept (config.train.keep_every)."""
     if points < 1:
         raise ValueError(f"a training curve needs at least one point, got points={points}")
-    stages = [s for s in ("base", "superres") if workdir_lib.checkpoint_dir(workdir, s).is_dir()]
+    schedules = {s: (int(workdir_lib.load_stage_config(workdir, s).train.num_steps), workdir_lib.checkpoint_steps(workdir, s))
+                 for s in ("base", "superres") if workdir_lib.checkpoint_dir(workdir, s).is_dir()}
     rows = []
     for k in range(1, points + 1):
         row = {}
-        for stage in stages:
-            total = int(workdir_lib.load_stage_config(workdir, stage).train.num_steps)
-            step, kept = round(total * k / points), workdir_lib.checkpoint_steps(workdir, stage)
+        for stage, (total, kept) in schedules.items():
+            step = round(total * k / points)
             if step not in kept:
                 raise FileNotFoundError(
                     f"training curve: {stage} has no checkpoint of step {step} ({k}/{points} of {total} steps; kept: "
