@@ -70,6 +70,8 @@ def _train_tokenizer(args, overrides):
     names = sorted(cfg.get("tokenizers", {}) or {}) if args.tokenizer == "all" else [args.tokenizer]
     for name in names or [""]:
         result = train_tokenizer.train(cfg, args.workdir, name=name)
+        if result["status"] == "preempted":
+            break
         if "psnr" not in result:
             continue
         print(

@@ -71,8 +71,13 @@ def _up_to_date(stamp_path: pathlib.Path, stamp: dict, *outputs: pathlib.Path) -
         return False
 
 
-def run(workdir: str, config_spec: str = "shapes", overrides=()) -> pathlib.Path:
-    """Runs (or resumes) every stage; returns the path of the report."""
+def _preempted(workdir: pathlib.Path) -> None:
+    print(f"\nstopped on SIGTERM with every checkpoint saved; the same command resumes (--workdir {workdir})", flush=True)
+
+
+def run(workdir: str, config_spec: str = "shapes", overrides=()) -> pathlib.Path | None:
+    """Runs (or resumes) every stage; returns the path of the report, or None when SIGTERM stopped a
+    training stage (its checkpoint is saved and no later stage starts; running again resumes)."""
     from muse_jax.evaluation import report
     from muse_jax.evaluation import run as eval_run
     from muse_jax.training import loop, train_tokenizer
@@ -99,12 +104,15 @@ def run(workdir: str, config_spec: str = "shapes", overrides=()) -> pathlib.Path
     t = _stage(f"2/5 image tokenizer{'s' if len(names) > 1 else ''} (VQGAN): {', '.join(n or 'shared' for n in names)}")
     for name in names:
         tok = train_tokenizer.train(cfg, workdir, name=name)
+        if tok["status"] == "preempted":
+            return _preempted(workdir)
         print(f"tokenizer {name or '(shared)'}: psnr {tok['psnr']:.2f} dB (half size: {tok['psnr_lowres']:.2f} dB), "
               f"codebook usage {tok['usage']:.1%}")
     timings["tokenizer"] = time.time() - t
 
     t = _stage("3/5 text encoder + base and super-resolution transformers")
-    loop.train(cfg, workdir)
+    if any(r["status"] == "preempted" for r in loop.train(cfg, workdir)):
+        return _preempted(workdir)
     timings["transformers"] = time.time() - t
 
     # The grid and the evaluation are redone only when a stage trained further or their settings changed.

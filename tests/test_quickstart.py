@@ -1,11 +1,14 @@
 """The quickstart end to end with tiny step counts: every stage runs, the report is written, a rerun resumes."""
 import json
+import os
 import re
+import signal
 
 import numpy as np
 import PIL.Image
 
 from muse_jax import quickstart
+from muse_jax.training import loop
 
 TINY = [
     "--config.data.num_train=96", "--config.data.num_test=32",
@@ -31,12 +34,28 @@ TINY = [
 
 
 def _checkpoints(workdir):
-    return {d: sorted(p.name for p in (workdir / d / "checkpoints").iterdir() if p.name.isdigit())
+    return {d: sorted(p.name for p in (workdir / d / "checkpoints").glob("*") if p.name.isdigit())
             for d in ("tokenizer", "base", "superres")}
 
 
-def test_quickstart_runs_every_stage_and_resumes(tmp_path):
+def test_quickstart_runs_every_stage_and_resumes(tmp_path, monkeypatch):
+    # SIGTERM during the base stage's second step: the base checkpoints and the quickstart stops there
+    # (super-res, warm-started from the base, must not start from a partial one).
+    real, calls = loop.partitioning.shard_batch, {"n": 0}
+
+    def shard_batch(batch, mesh, rules=None):
+        if "image" not in batch:  # a transformer batch, not a tokenizer one
+            calls["n"] += 1
+            if calls["n"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(batch, mesh, rules)
+
+    monkeypatch.setattr(loop.partitioning, "shard_batch", shard_batch)
     w = tmp_path / "W"
+    assert quickstart.run(str(w), "shapes", TINY) is None
+    assert _checkpoints(w) == {"tokenizer": ["6"], "base": ["2"], "superres": []}
+    monkeypatch.undo()
+
     report = quickstart.run(str(w), "shapes", TINY)
     assert report == w / "report.md"
     text = report.read_text()
@@ -45,7 +64,7 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     assert "muse-jax sample --workdir" in text and "muse-jax edit --workdir" in text
     for group in ("one_seen", "one_heldout", "relation", "places"):
         assert re.search(rf"\| {group} \| 2 \| \d+\.\d %", text), group
-    assert _checkpoints(w) == {"tokenizer": ["6"], "base": ["3"], "superres": ["3"]}
+    assert _checkpoints(w) == {"tokenizer": ["6"], "base": ["2", "3"], "superres": ["3"]}
 
     grid = np.asarray(PIL.Image.open(w / "samples" / "prompts_grid.png"))
     assert grid.shape[0] > grid.shape[1]  # one row of 4 samples per prompt, 9 prompts
@@ -67,6 +86,6 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     mtimes = {p: p.stat().st_mtime for p in kept}
     (w / "report.md").unlink()
     quickstart.run(str(w), "shapes", TINY)
-    assert _checkpoints(w) == {"tokenizer": ["6"], "base": ["3"], "superres": ["3"]}
+    assert _checkpoints(w) == {"tokenizer": ["6"], "base": ["2", "3"], "superres": ["3"]}
     assert {p: p.stat().st_mtime for p in kept} == mtimes
     assert "| one_seen | 2 |" in report.read_text()  # the report again, from the saved evaluation

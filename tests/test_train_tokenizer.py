@@ -1,6 +1,8 @@
 """`muse-jax train-tokenizer` with a tiny model: the loss falls, checkpoints resume exactly."""
 import json
+import os
 import shutil
+import signal
 
 import flax.linen as nn
 import jax
@@ -101,6 +103,31 @@ def test_train_resume_and_load(tmp_path, capsys):
     for i in range(2):  # the CLI reconstructs one image at a time
         got = np.asarray(PIL.Image.open(out / f"img{i}.png"))
         np.testing.assert_array_equal(got, np.asarray(tok_a.reconstruct(images[i : i + 1]))[0])
+
+
+def test_sigterm_checkpoints_skips_the_evaluation_and_resumes_exactly(tmp_path, monkeypatch):
+    cfg = config_lib.load_config("shapes", TINY + ["--config.train_tokenizer.checkpoint_every=100"])
+    whole = train_tokenizer.train(cfg, tmp_path / "whole", quiet=True)
+    real, calls = train_tokenizer.partitioning.shard_batch, {"n": 0}
+
+    def shard_batch(batch, mesh, rules=None):  # SIGTERM while the third batch is prepared
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(batch, mesh, rules)
+
+    monkeypatch.setattr(train_tokenizer.partitioning, "shard_batch", shard_batch)
+    w = tmp_path / "stopped"
+    stopped = train_tokenizer.train(cfg, w, quiet=True)
+    assert stopped["status"] == "preempted" and stopped["step"] == 3 and "psnr" not in stopped
+    assert not (w / "tokenizer" / "eval.json").exists()
+    assert sorted(p.name for p in (w / "tokenizer" / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
+    monkeypatch.undo()
+    resumed = train_tokenizer.train(cfg, w, quiet=True)
+    assert resumed["status"] == "done" and resumed["step"] == 4 and resumed["psnr"] == whole["psnr"]
+    a, b = (jax.tree_util.tree_leaves(workdir.load_image_tokenizer(d).params) for d in (tmp_path / "whole", w))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_tokenizer_at_the_base_stage_size_trains_on_downsampled_images(tmp_path):

@@ -357,7 +357,8 @@ def train_stage(
 
 
 def train(config, workdir, stages=config_lib.STAGES, quiet: bool = False) -> list[dict]:
-    """Trains the given stages in order (each resumes if it has checkpoints)."""
+    """Trains the given stages in order (each resumes if it has checkpoints); a stage stopped by SIGTERM
+    ends the run there (the summaries of the stages run so far are returned)."""
     out = []
     for stage in stages:
         r = train_stage(config, workdir, stage, quiet=quiet)
@@ -367,4 +368,6 @@ def train(config, workdir, stages=config_lib.STAGES, quiet: bool = False) -> lis
             skipped = f", skipped records {r['skipped']}" if r["skipped"] else ""
             print(f"{stage}: {r['final_step']} steps, {r['seconds_per_step']:.3f} s/step, "
                   f"{r['tokens_per_s']:.0f} tokens/s ({r['status']}{skipped})")
+        if r["status"] == "preempted":  # later stages may start from this one (init_from): not from a partial one
+            break
     return out

@@ -193,7 +193,7 @@ def train(config, workdir, *, name: str = "", num_steps: int | None = None, quie
         writer = writer_lib.MetricWriter(tok_dir / "tb", console=not quiet)
         if start == 0:
             writer.write_hparams(meta)
-        t0, last_log = time.time(), time.time()
+        t0, last_log, status = time.time(), time.time(), "done"
         bar = writer_lib.progress(range(start, num_steps), initial=start, total=num_steps, desc="tokenizer", disable=quiet or None)
         with ckpt_lib.PreemptionHandler() as preempt:
             for step in bar:
@@ -220,14 +220,17 @@ def train(config, workdir, *, name: str = "", num_steps: int | None = None, quie
                 ckpt.save(done, state, data_iterator=it, force=done == num_steps)
                 if preempt.should_stop():
                     ckpt.save(done, state, data_iterator=it, force=True)
+                    status = "preempted"
                     break
         ckpt.close()
         train_time = time.time() - t0
 
-        # Final evaluation on the test split.
-        eval_loader = eval_batches(config, workdir, image_size, tcfg.eval_batch_size)
-        result = {"step": int(state.step), "train_seconds": train_time}
-        if eval_loader is None:
+        # Final evaluation on the test split (not when preempted: the run resumes later).
+        result = {"step": int(state.step), "train_seconds": train_time, "status": status}
+        eval_loader = None if status == "preempted" else eval_batches(config, workdir, image_size, tcfg.eval_batch_size)
+        if status == "preempted":
+            print(f"tokenizer {name or '(shared)'}: stopped at step {result['step']} on SIGTERM (checkpoint saved)")
+        elif eval_loader is None:
             print("tokenizer: no config.data.eval_files, so no final evaluation")
         else:
             # Each process evaluates its share of the test split with a whole copy of the (small) VQGAN,
@@ -235,12 +238,12 @@ def train(config, workdir, *, name: str = "", num_steps: int | None = None, quie
             tokenizer = vqgan.ImageTokenizer(vcfg, multihost_utils.process_allgather(state.params, tiled=True))
             metrics, (originals, recons) = evaluate(tokenizer, eval_loader, tcfg.eval_max_batches or None)
             result.update(metrics)
-            writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in result.items() if k != "step"})
+            writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in result.items() if k not in ("step", "status")})
             writer.write_images(int(state.step), {"eval/originals": originals, "eval/reconstructions": recons})
         writer.close()
     if getattr(it, "skipped", None):
         result["skipped"] = dict(it.skipped)
         print(f"tokenizer: skipped records {result['skipped']}")
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and status == "done":
         (tok_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
