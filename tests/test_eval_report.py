@@ -48,6 +48,20 @@ def test_evaluate_tokenizer_on_perfect_and_noisy_reconstructions():
     assert 20 < worse["psnr"] < 40 and worse["ssim"] < 0.9 and worse["rfid_shapes"] > 1.0
 
 
+def test_scene_alignment_counts_the_scenes_reconstructions_keep():
+    examples = [shapes.make_example(0, "test", i) for i in range(40)]
+    images, captions = np.stack([e["image"] for e in examples]), [e["caption"] for e in examples]
+    kept = tokenizer_eval.scene_alignment(images, captions)
+    assert kept["one object"]["num"] + kept["two objects"]["num"] == 40
+    assert kept["one object"]["all"] >= 0.95 and kept["two objects"]["all"] >= 0.95
+    blurred = image_ops.downsample_area(images, 8)  # 8x8 px, judged pixel-repeated to 64 px
+    lost = tokenizer_eval.scene_alignment(blurred, captions)
+    assert lost["one object"]["num"] == kept["one object"]["num"]
+    assert lost["one object"]["all"] < 0.5 and lost["two objects"]["all"] < 0.2
+    swapped = tokenizer_eval.scene_alignment(images[::-1], captions)
+    assert swapped["two objects"]["all"] < 0.2
+
+
 def test_validate_detector_passes_on_real_images_and_fails_loudly():
     assert scores.validate_detector(num=40)["all"] >= 0.99
     with pytest.raises(RuntimeError, match="below"):

@@ -72,6 +72,10 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     assert ev["detector_accuracy"]["all"] >= 0.99  # the evaluator is validated before it judges
     assert ev["generation"]["alignment"]["num"] == 8
     assert 0 < ev["tokenizer"]["psnr"] < 100 and 0 < ev["tokenizer"]["psnr_lowres"] < 100
+    kept = ev["tokenizer"]["alignment"]
+    assert set(kept) == {"full size", "base size"}
+    assert sum(r["num"] for r in kept["full size"].values()) == ev["tokenizer"]["num_images"]
+    assert "| base size | " in text
     assert [r["steps"] for r in ev["sweeps"]["steps"]["results"]] == [1, 2]
     for kind in ("one object", "two objects"):
         assert ev["stages"][kind]["real images"]["all"] == 1.0 and ev["stages"][kind]["whole cascade"]["num"] == 3

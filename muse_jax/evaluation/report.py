@@ -46,6 +46,16 @@ def _curve_lines(curve: dict | None) -> list[str]:
     ]
 
 
+def _tokenizer_alignment_lines(kept: dict | None) -> list[str]:
+    if not kept:
+        return []
+    return ["Test scenes the detector reads fully right in the reconstructions (the super-res stage's "
+            "tokenizer at full size, the base stage's at its input size):", "",
+            "| reconstructions | " + " | ".join(kept["full size"]) + " |", "|---|" + "---|" * len(kept["full size"]),
+            *[f"| {size} | " + " | ".join(f"{_pct(r['all'])} of {r['num']}" for r in rows.values()) + " |"
+              for size, rows in kept.items()], ""]
+
+
 def write_report(workdir: pathlib.Path, cfg, ev: dict, timings: dict) -> pathlib.Path:
     """W/report.md: the sample grids, the metrics, and the commands to sample and edit."""
     gen, tok = ev["generation"], ev["tokenizer"]
@@ -77,6 +87,7 @@ def write_report(workdir: pathlib.Path, cfg, ev: dict, timings: dict) -> pathlib
         f"SSIM {tok['ssim']:.4f}, reconstruction FID (shapes features) "
         f"{tok['rfid_shapes']:.2f}, codebook usage {_pct(tok['codebook']['fraction_used'])} "
         f"(perplexity {tok['codebook']['perplexity']:.1f}) on {tok['num_images']} test images.", "",
+        *_tokenizer_alignment_lines(tok.get("alignment")),
         "## Time", "",
         "| stage | seconds |", "|---|---|",
         *[f"| {k} | {v:.0f} |" for k, v in timings.items()], "",

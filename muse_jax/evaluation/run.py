@@ -196,6 +196,8 @@ def run(workdir, out_dir, *, num_prompts: int = 200, seed: int = 0, steps: int |
     say(f"  psnr {tokenizer['psnr']:.2f} dB (base stage at {tokenizer['base_image_size']} px: "
         f"{tokenizer['psnr_lowres']:.2f} dB), ssim {tokenizer['ssim']:.4f}, "
         f"codebook usage {tokenizer['codebook']['fraction_used']:.1%}")
+    for size, kept in tokenizer.get("alignment", {}).items():
+        say(f"  scenes kept fully right at {size}: " + ", ".join(f"{k} {v['all']:.1%}" for k, v in kept.items()))
 
     pipe = Pipeline.from_workdir(workdir)
     overrides = {"steps": steps, "sr_steps": sr_steps, "guidance": guidance}

@@ -1,6 +1,7 @@
 """The image tokenizer's quality: PSNR, SSIM, reconstruction FID and codebook usage.
 
     result = evaluate(W, config, num=500)              # the first `num` test images of W's dataset
+    kept = scene_alignment(reconstructions, captions)  # shapes: scenes the detector still reads right
     psnrs = reconstruct_folder(W, "in/", "out/")       # `muse-jax reconstruct`
 """
 from __future__ import annotations
@@ -13,8 +14,8 @@ import numpy as np
 
 from muse_jax import image_ops
 from muse_jax import workdir as workdir_lib
-from muse_jax.data import sources
-from muse_jax.evaluation import features, fid, metrics
+from muse_jax.data import shapes, sources
+from muse_jax.evaluation import alignment, features, fid, metrics
 
 
 def scores(
@@ -47,6 +48,23 @@ def scores(
     return report
 
 
+def scene_alignment(images: np.ndarray, captions) -> dict[str, dict[str, float]]:
+    """Of shapes images against their scenes' captions: the share fully right (every stated attribute,
+    as the alignment evaluation judges generated images) of one-object and of two-object scenes.
+    Images smaller than the scenes' 64 px are judged pixel-repeated to it."""
+    images = np.asarray(images)
+    if images.shape[1] != shapes.IMAGE_SIZE:
+        r = shapes.IMAGE_SIZE // images.shape[1]
+        images = images.repeat(r, axis=1).repeat(r, axis=2)
+    rows = alignment.alignment_report(images, captions, return_details=True)["details"]
+    out = {}
+    for name, one in (("one object", True), ("two objects", False)):
+        right = [r["all"] for r in rows if (alignment.parse_caption(r["caption"])["kind"] == "one") == one]
+        if right:
+            out[name] = {"num": len(right), "all": float(np.mean(right))}
+    return out
+
+
 def _reconstruct(tok, images: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     tokens = [np.asarray(tok.encode(images[s:s + batch])) for s in range(0, len(images), batch)]
     return np.concatenate(tokens), np.concatenate([np.asarray(tok.decode(t)) for t in tokens])
@@ -56,17 +74,24 @@ def evaluate(workdir, config, num: int, inception_variables=None) -> dict[str, A
     """`scores` of the super-res stage's tokenizer (the output images') on the first `num` test images,
     plus `psnr_lowres`: the base stage's tokenizer at its input size (`base_image_size`, the images
     area-downsampled as its token cache makes them). One shared tokenizer serves both when the
-    stages name none."""
+    stages name none. On shapes also `alignment`: `scene_alignment` of the reconstructions at full
+    and at base size, what each stage's tokens keep of the captions."""
     toks = {s: workdir_lib.load_image_tokenizer(workdir, name=workdir_lib.stage_tokenizer(config, s))
             for s in ("base", "superres")}
     source = sources.make_source(config.data, "test", workdir_lib.data_dir(workdir))
-    images = np.stack([source[i]["image"] for i in range(min(num, len(source)))])
+    examples = [source[i] for i in range(min(num, len(source)))]
+    images = np.stack([ex["image"] for ex in examples])
     tokens, recons = _reconstruct(toks["superres"], images)
     result = scores(images, recons, tokens, toks["superres"].codebook_size, inception_variables=inception_variables)
     base_px = workdir_lib.check_stage_tokenizer(config, "base", toks["base"])
     low = image_ops.downsample_area(images, images.shape[1] // base_px) if base_px != images.shape[1] else images
-    result["psnr_lowres"] = float(np.mean(np.minimum(metrics.psnr(low, _reconstruct(toks["base"], low)[1]), 100.0)))
+    low_recons = _reconstruct(toks["base"], low)[1]
+    result["psnr_lowres"] = float(np.mean(np.minimum(metrics.psnr(low, low_recons), 100.0)))
     result["base_image_size"] = base_px
+    if config.data.get("name") == "shapes":
+        captions = [ex["caption"] for ex in examples]
+        result["alignment"] = {"full size": scene_alignment(recons, captions),
+                               "base size": scene_alignment(low_recons, captions)}
     return result
 
 
