@@ -59,7 +59,7 @@ def scene_alignment(images: np.ndarray, captions) -> dict[str, dict[str, float]]
     rows = alignment.alignment_report(images, captions, return_details=True)["details"]
     out = {}
     for name, one in (("one object", True), ("two objects", False)):
-        right = [r["all"] for r in rows if (alignment.parse_caption(r["caption"])["kind"] == "one") == one]
+        right = [r["all"] for r in rows if r["group"].startswith("one") == one]
         if right:
             out[name] = {"num": len(right), "all": float(np.mean(right))}
     return out
