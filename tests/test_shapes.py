@@ -183,3 +183,23 @@ def test_bad_arguments_are_refused():
         shapes.ShapesSource("train", 0)
     with pytest.raises(IndexError):
         shapes.ShapesSource("train", 5)[5]
+
+
+def test_caption_kind_and_kind_repeats():
+    examples = _examples("train")
+    kinds = [json.loads(ex["attributes"])["kind"] for ex in examples]
+    captions = [ex["caption"] for ex in examples]  # optional parts dropped at random
+    assert [shapes.caption_kind(c) for c in captions] == kinds
+    index = shapes.kind_repeat_index(captions, {"one": 0, "relation": 3})
+    assert np.all(np.diff(index) >= 0)
+    picked = [kinds[i] for i in index]
+    assert picked.count("one") == 0
+    assert picked.count("relation") == 3 * kinds.count("relation")
+    assert picked.count("places") == kinds.count("places")  # not named: once
+    assert len(set(index.tolist())) == kinds.count("relation") + kinds.count("places")
+    np.testing.assert_array_equal(shapes.kind_repeat_index(captions, {}), np.arange(len(captions)))
+    for bad, match in (({"two": 2}, "unknown scene kinds"), ({"one": -1}, "non-negative integers"),
+                       ({"one": 1.5}, "non-negative integers"),
+                       ({"one": 0, "relation": 0, "places": 0}, "leave no training example")):
+        with pytest.raises(ValueError, match=match):
+            shapes.kind_repeat_index(captions, bad)

@@ -6,7 +6,7 @@ from test_sample_cli import ToyTokenizer
 from muse_jax import config as config_lib
 from muse_jax import image_ops
 from muse_jax import workdir as workdir_lib
-from muse_jax.data import sources, token_cache
+from muse_jax.data import shapes, sources, token_cache
 from muse_jax.training import loop
 
 
@@ -64,6 +64,30 @@ def test_one_shared_tokenizer_and_the_refusals(tmp_path, monkeypatch):
         loop.workdir_stage_data(config, tmp_path, "base")
     with pytest.raises(ValueError, match="do not divide the 64 px images"):
         token_cache.build_or_load(tmp_path / "c2", "train", source, {"base": (ToyTokenizer(4), 48)}, {})
+
+
+def test_kind_repeats_reweight_what_both_stages_train_on(tmp_path, monkeypatch):
+    config = _config(base={"codebook_size": 16}, superres={"codebook_size": 16})
+    config.train.kind_repeats.update(dict(one=0, relation=3))
+    monkeypatch.setattr(workdir_lib, "load_image_tokenizer", lambda w, name="", mesh=None: ToyTokenizer(4))
+    monkeypatch.setattr(workdir_lib, "tokenizer_identity", lambda w, name="": ["1"])
+    monkeypatch.setattr(workdir_lib, "text_tokenizer", lambda *a, **k: _spm)
+    source = sources.make_source(config.data, "train", tmp_path / "data")
+    captions = [source[i]["caption"] for i in range(len(source))]
+    cache = loop.shapes_token_cache(config, tmp_path, source)
+    index = shapes.kind_repeat_index(captions, {"one": 0, "relation": 3})
+    kinds = [shapes.caption_kind(c) for c in captions]
+    assert len(index) == 3 * kinds.count("relation") + kinds.count("places") > 0
+    data = loop.workdir_stage_data(config, tmp_path, "superres")
+    assert len(data.source) == len(index)
+    for j, i in enumerate(index):  # each record is example i's tokens, low-res tokens and caption
+        rec = data.source[j]
+        np.testing.assert_array_equal(rec["tokens"], cache["superres"][i].reshape(-1))
+        np.testing.assert_array_equal(rec["lowres_tokens"], cache["base"][i].reshape(-1))
+        assert rec["text_ids"][0] == len(captions[i]) + 1
+    config.data.name = "webdataset"
+    with pytest.raises(ValueError, match="kind_repeats re-weights the shapes scene kinds"):
+        loop.workdir_stage_data(config, tmp_path, "base")
 
 
 def _spm(captions, max_length=4):

@@ -159,6 +159,9 @@ def get_config(arg=None):
     t.grad_clip = 1.0
     t.label_smoothing = 0.1
     t.mask_schedule = "cosine"  # training mask rates ~ truncated arccos
+    # Times each train example of a scene kind appears per epoch (1, 1, 1: the dataset's own mix,
+    # half one-object scenes; muse_jax/data/shapes.py's P_KIND).
+    t.kind_repeats = ml_collections.ConfigDict(dict(one=1, relation=1, places=1))
     t.text_drop_rate = 0.1  # captions replaced by the empty prompt (classifier-free guidance)
     t.init_from = ""  # "" = random init; "base": start from the trained base stage's weights (super-res)
     t.ema_decay = 0.0  # > 0 keeps EMA weights (used for sampling)
@@ -233,5 +236,8 @@ def _long(config):
     config.superres.update(dict(lowres_grid_size=16, tokenizer="superres"))
     t = config.train
     t.num_steps, t.checkpoint_every, t.keep_every, t.sample_every = 3000, 750, 750, 0
+    # Two-object scenes twice as often (2/3 of an epoch): at 1500 base steps, twice as many base samples
+    # of two-object prompts have the right two colours and the right two shapes as with the dataset's mix.
+    t.kind_repeats.update(dict(relation=2, places=2))
     config.train_superres.update(dict(num_steps=1200, checkpoint_every=300, keep_every=300))
     config.quickstart.curve_points = 4

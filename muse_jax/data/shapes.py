@@ -199,6 +199,28 @@ def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
     return text
 
 
+def caption_kind(text: str) -> str:
+    """The scene kind ("one", "relation" or "places") a spec-v1 caption describes."""
+    if any(f" {r} " in text for r in RELATIONS):
+        return "relation"
+    return "places" if " and " in text else "one"
+
+
+def kind_repeat_index(captions, repeats: dict[str, int]) -> np.ndarray:
+    """Indices into `captions`, each caption's index `repeats[its kind]` times (kinds not named: once).
+
+    Re-weights the scene kinds a training epoch holds without changing the examples themselves."""
+    unknown = set(repeats) - set(P_KIND)
+    if unknown:
+        raise ValueError(f"unknown scene kinds {sorted(unknown)} in kind repeats; expected {sorted(P_KIND)}")
+    if any(int(r) != r or r < 0 for r in repeats.values()):
+        raise ValueError(f"kind repeats must be non-negative integers, got {dict(repeats)}")
+    counts = np.asarray([int(repeats.get(caption_kind(c), 1)) for c in captions], np.int64)
+    if counts.sum() == 0:
+        raise ValueError(f"kind repeats {dict(repeats)} leave no training example")
+    return np.repeat(np.arange(len(captions)), counts)
+
+
 def _shape_mask(obj: Obj, coords: np.ndarray) -> np.ndarray:
     """Boolean coverage of `obj` at supersampled pixel centres `coords` (in image pixels)."""
     x, y = coords

@@ -22,7 +22,7 @@ import numpy as np
 from muse_jax import config as config_lib
 from muse_jax import distributed, image_ops, precision
 from muse_jax import workdir as workdir_lib
-from muse_jax.data import image_text, sources, stage_data, token_cache, token_shards
+from muse_jax.data import image_text, shapes, sources, stage_data, token_cache, token_shards
 from muse_jax.data import loader as loader_lib
 from muse_jax.models import transformer as transformer_lib
 from muse_jax.training import checkpoint as ckpt_lib
@@ -41,6 +41,8 @@ def workdir_stage_data(config, workdir, stage: str, mesh=None, rules=None) -> st
     (`config.data.source`, muse_jax/data/image_text.py): streamed images and caption ids, tokenized
     inside the step by the stage's tokenizers (`streaming_stage_data`)."""
     if config.data.get("name") != "shapes":
+        if any(r != 1 for r in (config.train.get("kind_repeats") or {}).values()):
+            raise ValueError("config.train.kind_repeats re-weights the shapes scene kinds; it needs config.data.name 'shapes'")
         return streaming_stage_data(config, workdir, stage, mesh, rules)
     source = sources.make_source(config.data, "train", workdir_lib.data_dir(workdir))
     cache = shapes_token_cache(config, workdir, source)
@@ -48,6 +50,11 @@ def workdir_stage_data(config, workdir, stage: str, mesh=None, rules=None) -> st
     workdir_lib.check_stage_tokenizer(config, stage, tokenizer)
     captions = cache["captions"]
     spm = workdir_lib.text_tokenizer(workdir, config.text, captions=lambda: captions)
+    repeats = config.train.get("kind_repeats")
+    if repeats:  # a training mix with more (or fewer) scenes of some kinds
+        index = shapes.kind_repeat_index(captions, repeats.to_dict())
+        cache = {**{s: cache[s][index] for s in config_lib.STAGES}, "captions": [captions[i] for i in index]}
+        captions = cache["captions"]
     if config.text.trainable:
         text = stage_data.sentencepiece_inputs(spm, captions)
     else:
