@@ -236,8 +236,5 @@ def _long(config):
     config.superres.update(dict(lowres_grid_size=16, tokenizer="superres"))
     t = config.train
     t.num_steps, t.checkpoint_every, t.keep_every, t.sample_every = 3000, 750, 750, 0
-    # Two-object scenes twice as often (2/3 of an epoch): at 1500 base steps, twice as many base samples
-    # of two-object prompts have the right two colours and the right two shapes as with the dataset's mix.
-    t.kind_repeats.update(dict(relation=2, places=2))
     config.train_superres.update(dict(num_steps=1200, checkpoint_every=300, keep_every=300))
     config.quickstart.curve_points = 4
