@@ -171,3 +171,10 @@ def test_training_curve_scores_evenly_spaced_checkpoints(tmp_path, monkeypatch):
     lines = report._curve_lines(curve)
     assert "![training curve](eval/curve.png)" in lines
     assert any(line.startswith("| base 300, superres 90 | 100.0 % |") for line in lines)
+    # The two-object groups' colour / count / shape at each point: a blank image has none of them right,
+    # a rendered one all, so each equals its group's fully-correct rate.
+    for r in curve["results"]:
+        for g in ("relation", "places"):
+            assert [r["attributes"][g][a] for a in ("color", "count", "shape")] == [r["groups"][g]] * 3
+    assert curve["results"][0]["groups"]["places"] < 1
+    assert "| base 300, superres 90 | 100.0 % / 100.0 % / 100.0 % | 100.0 % / 100.0 % / 100.0 % |" in lines

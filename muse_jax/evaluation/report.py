@@ -43,6 +43,23 @@ def _curve_lines(curve: dict | None) -> list[str]:
         "| steps | all | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups),
         *[f"| {', '.join(f'{k} {v}' for k, v in r['steps'].items())} | {_pct(r['all'])} | "
           + " | ".join(_pct(r["groups"][g]) for g in groups) + " |" for r in rows], "",
+        *_curve_attribute_lines(rows),
+    ]
+
+
+def _curve_attribute_lines(rows: list[dict]) -> list[str]:
+    """Markdown: colour, count and shape of the two-object groups at each curve point (a fully-correct
+    rate can stay flat while these rise)."""
+    groups = [g for g in ("relation", "places") if all(g in r.get("attributes", {}) for r in rows)]
+    if not groups:
+        return []
+    attrs = ("color", "count", "shape")
+    return [
+        "Two-object prompts, per attribute (" + ", ".join(attrs) + "):", "",
+        "| steps | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups),
+        *[f"| {', '.join(f'{k} {v}' for k, v in r['steps'].items())} | "
+          + " | ".join(" / ".join(_pct(r["attributes"][g][a]) for a in attrs) for g in groups) + " |" for r in rows],
+        "",
     ]
 
 

@@ -131,7 +131,8 @@ def training_curve(workdir, out_dir, points: int, *, num_prompts: int = 200, see
         images, _ = generate_images(pipe, prompts, seed, overrides or {})
         align = alignment.alignment_report(images, prompts)
         rows.append({"steps": steps, "all": align["all"],
-                     "groups": {g: align["groups"][g]["all"] for g in GROUPS if g in align["groups"]}})
+                     "groups": {g: align["groups"][g]["all"] for g in GROUPS if g in align["groups"]},
+                     "attributes": {g: align["groups"][g]["attributes"] for g in GROUPS if g in align["groups"]}})
         say(f"  curve {steps}: all {align['all']:.1%}; " + ", ".join(f"{g} {v:.1%}" for g, v in rows[-1]["groups"].items()))
     out_dir = pathlib.Path(out_dir)
     scores.write_json({"results": rows}, str(out_dir / "curve.json"))
