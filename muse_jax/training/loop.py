@@ -40,8 +40,10 @@ def workdir_stage_data(config, workdir, stage: str, mesh=None, rules=None) -> st
     stages' tokenizers) and the captions as sentencepiece ids (joint T5) or frozen-T5 embeddings. Real data
     (`config.data.source`, muse_jax/data/image_text.py): streamed images and caption ids, tokenized
     inside the step by the stage's tokenizers (`streaming_stage_data`)."""
+    repeats = dict(config.train.get("kind_repeats") or {})
+    reweighted = any(r != 1 for r in repeats.values())  # a mix with more (or fewer) scenes of some kinds
     if config.data.get("name") != "shapes":
-        if any(r != 1 for r in (config.train.get("kind_repeats") or {}).values()):
+        if reweighted:
             raise ValueError("config.train.kind_repeats re-weights the shapes scene kinds; it needs config.data.name 'shapes'")
         return streaming_stage_data(config, workdir, stage, mesh, rules)
     source = sources.make_source(config.data, "train", workdir_lib.data_dir(workdir))
@@ -50,15 +52,13 @@ def workdir_stage_data(config, workdir, stage: str, mesh=None, rules=None) -> st
     workdir_lib.check_stage_tokenizer(config, stage, tokenizer)
     captions = cache["captions"]
     spm = workdir_lib.text_tokenizer(workdir, config.text, captions=lambda: captions)
-    repeats = config.train.get("kind_repeats")
-    if repeats:  # a training mix with more (or fewer) scenes of some kinds
-        index = shapes.kind_repeat_index(captions, repeats.to_dict())
+    if reweighted:
+        index = shapes.kind_repeat_index(captions, repeats)
         cache = {**{s: cache[s][index] for s in config_lib.STAGES}, "captions": [captions[i] for i in index]}
-        captions = cache["captions"]
     if config.text.trainable:
-        text = stage_data.sentencepiece_inputs(spm, captions)
+        text = stage_data.sentencepiece_inputs(spm, cache["captions"])
     else:
-        text = stage_data.frozen_text_embeddings(config, spm, captions, workdir_lib.text_cache_dir(workdir))
+        text = stage_data.frozen_text_embeddings(config, spm, cache["captions"], workdir_lib.text_cache_dir(workdir))
     return stage_data.from_token_cache(config, stage, cache, text, tokenizer=tokenizer)
 
 
