@@ -2,6 +2,7 @@
 
   downsample_area(images, f)       the mean of each f x f block (the base stage's view of an image)
   token_mask_from_pixels(mask, f)  a pixel mask -> the tokens it touches
+  upsample_nearest(x, f)           each pixel repeated f x f times ([B, h, w, ...] -> [B, h*f, w*f, ...])
   upsample_mask(mask, f)           a token mask -> pixels (nearest)
   composite(original, generated, mask)   generated pixels inside the mask, the original outside
   image_grid(images, cols)         a batch tiled into one image
@@ -34,9 +35,14 @@ def token_mask_from_pixels(pixel_mask, factor: int) -> np.ndarray:
     return m.reshape(b, h // factor, factor, w // factor, factor).any(axis=(2, 4))
 
 
+def upsample_nearest(x, factor: int) -> np.ndarray:
+    """[B, h, w, ...] -> [B, h*f, w*f, ...], each pixel repeated f x f times (same dtype)."""
+    return np.asarray(x).repeat(factor, axis=1).repeat(factor, axis=2)
+
+
 def upsample_mask(mask, factor: int) -> np.ndarray:
     """bool [B, h, w] -> bool [B, h*f, w*f] (nearest)."""
-    return np.repeat(np.repeat(np.asarray(mask, bool), factor, axis=1), factor, axis=2)
+    return upsample_nearest(np.asarray(mask, bool), factor)
 
 
 def composite(original, generated, pixel_mask) -> np.ndarray:

@@ -39,6 +39,17 @@ def test_downsample_area_and_composite():
         image_ops.composite(img, other, mask[:, :4])
 
 
+def test_upsample_nearest_inverts_area_downsampling_of_blocks():
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    big = image_ops.upsample_nearest(small, 4)
+    assert big.shape == (2, 16, 16, 3) and big.dtype == np.uint8
+    assert (big[1, 8:12, 4:8] == small[1, 2, 1]).all()
+    np.testing.assert_array_equal(image_ops.downsample_area(big, 4), small)
+    mask = image_ops.upsample_mask(small[..., 0] > 128, 4)
+    np.testing.assert_array_equal(mask, big[..., 0] > 128)
+
+
 def test_inpaint_tokens_keeps_known_tokens():
     apply_fn, text = fake_model(), texts(2)
     r = np.random.default_rng(2)

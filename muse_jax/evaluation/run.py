@@ -78,7 +78,7 @@ def stage_breakdown(pipe, num: int, seed: int = 0, overrides: dict | None = None
     if images.shape[1] != pipe.image_size:
         raise ValueError(f"the shapes images are {images.shape[1]} px, this pipeline makes {pipe.image_size} px")
     r = pipe.image_size // pipe.base_image_size
-    up = lambda x: x.repeat(r, axis=1).repeat(r, axis=2)  # noqa: E731
+    up = lambda x: image_ops.upsample_nearest(x, r)  # noqa: E731
     true_base = pipe.encode_images(images, "base")
     rows = {"real images": images,
             "tokenizer, full size": pipe.decode_tokens(pipe.encode_images(images)),

@@ -54,8 +54,7 @@ def scene_alignment(images: np.ndarray, captions) -> dict[str, dict[str, float]]
     Images smaller than the scenes' 64 px are judged pixel-repeated to it."""
     images = np.asarray(images)
     if images.shape[1] != shapes.IMAGE_SIZE:
-        r = shapes.IMAGE_SIZE // images.shape[1]
-        images = images.repeat(r, axis=1).repeat(r, axis=2)
+        images = image_ops.upsample_nearest(images, shapes.IMAGE_SIZE // images.shape[1])
     rows = alignment.alignment_report(images, captions, return_details=True)["details"]
     out = {}
     for name, one in (("one object", True), ("two objects", False)):
