@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --config medium --dtype bfloat16
     python benchmarks/train_step.py --config small --json         # one JSON object
     python benchmarks/train_step.py --config muse_632m            # GPU: paper-size base model, bf16
+    python benchmarks/train_step.py --config small --patch 2      # the blocks on 2x2 patches of tokens
     python benchmarks/train_step.py --tokens 256 --codebook 1024 --width 512 --depth 8 --heads 8 \\
         --mlp-ratio 4 --text-len 32 --text-width 512 --batch 8 --dtype float32 --steps 20 --warmup 3
     # smoke: --depth 1 --width 64 --heads 2 --tokens 16 --codebook 64 --text-len 4 --text-width 32 \\
@@ -35,13 +36,13 @@ import numpy as np
 from flax import linen as nn
 
 from muse_jax import config as config_lib
-from muse_jax import precision
+from muse_jax import planning, precision
 from muse_jax.models import transformer
 from muse_jax.training import optimizer, partitioning
 from muse_jax.training import step as step_lib
 
 
-def muse_config(shape: common.ModelShape, remat: bool = False, matmul_precision: str = "default"
+def muse_config(shape: common.ModelShape, remat: bool = False, matmul_precision: str = "default", patch: int = 1
                 ) -> ml_collections.ConfigDict:
     """The shapes config with `base` sized by the flags, frozen (precomputed) text, AdamW."""
     config = config_lib.load_config("shapes")
@@ -50,7 +51,7 @@ def muse_config(shape: common.ModelShape, remat: bool = False, matmul_precision:
             codebook_size=shape.codebook, grid_size=shape.grid, num_layers=shape.depth, width=shape.width,
             mlp_dim=shape.mlp_dim, num_heads=shape.heads, text_dim=shape.text_width, dropout_rate=0.0,
             attention_dropout_rate=0.0, layer_norm_epsilon=1e-6, dtype=shape.dtype, remat=remat,
-            lowres_grid_size=0, num_lowres_layers=0))
+            lowres_grid_size=0, num_lowres_layers=0, patch_size=patch))
         config.text.trainable = False
         config.text.max_length = shape.text_len
         config.train.optimizer = "adamw"
@@ -97,12 +98,13 @@ def device_info() -> dict[str, str]:
             "framework": f"jax {jax.__version__}"}
 
 
-def build_step(shape: common.ModelShape, seed: int = 0, remat: bool = False, matmul_precision: str = "default"):
+def build_step(shape: common.ModelShape, seed: int = 0, remat: bool = False, matmul_precision: str = "default",
+               patch: int = 1):
     """(jitted step, state, batch, rng): the project's training step for `shape`, not yet compiled.
 
     Call the jitted step inside `partitioning.axis_rules(step.mesh, step.rules)`.
     """
-    config = muse_config(shape, remat, matmul_precision)
+    config = muse_config(shape, remat, matmul_precision, patch)
     model = transformer.build(config.base)
     mesh = partitioning.make_mesh(config.mesh)
     rules = partitioning.logical_rules(config)
@@ -127,7 +129,7 @@ def build_step(shape: common.ModelShape, seed: int = 0, remat: bool = False, mat
 def run(shape: common.ModelShape, args: argparse.Namespace) -> dict:
     """Builds the state and the step, compiles, times; returns the result row."""
     mp = common.jax_matmul_precision(args.matmul)
-    train_step, state, batch, rng = build_step(shape, args.seed, args.remat, mp)
+    train_step, state, batch, rng = build_step(shape, args.seed, args.remat, mp, args.patch)
     with partitioning.axis_rules(train_step.mesh, train_step.rules):
         t0 = time.perf_counter()
         compiled = train_step.jitted.lower(state, batch, rng, None).compile()
@@ -146,11 +148,15 @@ def run(shape: common.ModelShape, args: argparse.Namespace) -> dict:
         raise RuntimeError(f"training step produced a non-finite loss {loss}")
     step_s = common.median(times)
     flops = common.train_step_flops(shape)
+    if args.patch > 1:  # the blocks run on (tokens / patch^2) positions: the planner's analytic count
+        base = transformer.TransformerConfig.coerce(muse_config(shape, patch=args.patch).base)
+        flops = 3.0 * planning.analytic_forward_flops(base, shape.batch, shape.text_len)
     counted = xla_flops(compiled)
     peak_n = common.peak_size(args.peak_size, jax.devices()[0].platform)
     peak = None if args.no_peak else common.jax_matmul_peak(shape.dtype, peak_n, matmul_precision=mp)
     return {
         "bench": "train_step", "impl": "muse_jax", **shape.describe(), **device_info(), "remat": args.remat,
+        "patch": args.patch,
         "matmul": precision.multiplies(mp), "matmul_precision": mp,
         "ms_per_step": 1e3 * step_s, "image_tokens_per_s": shape.batch * shape.tokens / step_s,
         "timing": common.spread(times), "steps": args.steps, "warmup": args.warmup,
@@ -169,6 +175,8 @@ def main(argv=None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_flags(ap)
     ap.add_argument("--remat", action="store_true", help="rematerialise each block in the backward pass")
+    ap.add_argument("--patch", type=int, default=1,
+                    help="tokens per side of one position of the blocks (config.base.patch_size; 1: one per token)")
     ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak (no MFU)")
     ap.add_argument("--peak-size", type=int, default=0,
                     help="n of the n^3 matmul peak (0: 2048 on CPU, 8192 on a GPU, which 2048 cannot fill)")

@@ -168,17 +168,22 @@ def analytic_forward_flops(model_config, batch: int, text_length: int) -> float:
     sum 4·N²·E; cross-attention q/out 4·N·E², k/v 4·S·E², scores 4·N·S·E; MLP 4·N·E·M.
     Plus the text projection 2·T·D·E, the head 2·N·E² + 2·N·E·K, and for super-res the low-res
     encoder (self-attention + MLP blocks on n tokens). Embedding lookups are gathers (no FLOPs).
+    With patch_size p > 1 the blocks run on P = N/p² positions (N -> P above) and the patch
+    projections in and out add 4·N·E².
     """
     c = model_config
     E, M, K, N, T, D = c.width, c.mlp_dim, c.codebook_size, c.grid_size**2, text_length, c.text_dim
+    P = _positions(c)
     n_low = c.lowres_grid_size**2 if c.lowres_grid_size else 0
     S = T + n_low
 
     def self_block(n):
         return 8 * n * E * E + 4 * n * n * E + 4 * n * E * M
 
-    per_block = self_block(N) + 4 * N * E * E + 4 * S * E * E + 4 * N * S * E
+    per_block = self_block(P) + 4 * P * E * E + 4 * S * E * E + 4 * P * S * E
     flops = c.num_layers * per_block + 2 * T * D * E + 2 * N * E * E + 2 * N * E * K
+    if P != N:
+        flops += 4 * N * E * E
     if n_low:
         flops += c.num_lowres_layers * self_block(n_low)
     return float(batch * flops)
@@ -206,9 +211,14 @@ def analytic_train_flops(model_config, batch: int, text_length: int, remat: bool
     return {"forward": fwd, "model": float(model), "executed": float(executed)}
 
 
+def _positions(c) -> int:
+    """Positions of the predicting stack: one per patch_size² tokens."""
+    return (c.grid_size // getattr(c, "patch_size", 1)) ** 2
+
+
 def _attention_calls(c, text_length: int) -> list[tuple[int, int, int]]:
     """(queries, keys, number of layers) of each attention of the stage, per example."""
-    N = c.grid_size**2
+    N = _positions(c)
     n = c.lowres_grid_size**2 if c.lowres_grid_size else 0
     calls = [(N, N, c.num_layers), (N, text_length + n, c.num_layers)]
     return calls + [(n, n, c.num_lowres_layers)] if n else calls
@@ -240,12 +250,14 @@ def analytic_activation_bytes(model_config, batch: int, text_length: int, remat:
     its probabilities, h·lq·lk per example in float32 and in s; blockwise and fused attention
     recompute them. With `remat`, a block keeps only its input (E) and one block's set is live
     again during its backward. Plus the float32 logits and their gradient (2·N·K·4 per example).
+    With patch_size p > 1 the blocks hold P = N/p² positions instead of N tokens.
     """
     c = model_config
     remat = c.remat if remat is None else remat
     attention = getattr(c, "attention", "xla") if attention is None else attention
     s = 2 if c.dtype in ("bfloat16", "float16") else 4
     E, M, K, N, h = c.width, c.mlp_dim, c.codebook_size, c.grid_size**2, c.num_heads
+    P = _positions(c)
     n = c.lowres_grid_size**2 if c.lowres_grid_size else 0
     S = text_length + n
     dropout = c.dropout_rate > 0
@@ -253,11 +265,11 @@ def analytic_activation_bytes(model_config, batch: int, text_length: int, remat:
     def probs(lq, lk):
         return h * lq * lk * (4 + s) if attention_path(attention, lq, lk) == "xla" else 0
 
-    decoder = N * (s * (9 * E + 2 * M) + dropout * (3 * E + M)) + probs(N, N) + probs(N, S) + 2 * S * E * s
+    decoder = P * (s * (9 * E + 2 * M) + dropout * (3 * E + M)) + probs(P, P) + probs(P, S) + 2 * S * E * s
     encoder = n * (s * (6 * E + 2 * M) + dropout * (2 * E + M)) + probs(n, n)
     encoder_layers = c.num_lowres_layers or 0
     if remat:
-        blocks = (c.num_layers * N + encoder_layers * n) * E * s + max(decoder, encoder if encoder_layers else 0)
+        blocks = (c.num_layers * P + encoder_layers * n) * E * s + max(decoder, encoder if encoder_layers else 0)
     else:
         blocks = c.num_layers * decoder + encoder_layers * encoder
     return float(batch * (blocks + 2 * N * K * 4))

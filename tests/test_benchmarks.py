@@ -25,6 +25,10 @@ def test_train_step_and_decode_benchmarks_report_json():
     assert train["bench"] == "train_step" and train["ms_per_step"] > 0 and train["model_gflops"] > 0
     assert train["tokens"] == 16 and train["batch"] == 2 and "only 2 timed" in train["warning"]
     assert train["matmul_precision"] == "default" and train["matmul"] == precision.multiplies("default")
+    # the blocks on 2x2 patches (4 positions instead of 16 tokens): fewer model FLOPs, the planner's count
+    patched = json.loads(_run("train_step.py", "--json", "--no-peak", "--patch", "2"))
+    assert train["patch"] == 1 and patched["patch"] == 2
+    assert 0 < patched["model_gflops"] < train["model_gflops"]
     decode = json.loads(_run("sample.py", "--json", "--no-peak", "--matmul", "float32"))
     assert decode["bench"] == "decode" and decode["s_per_batch"] > 0 and decode["decode_steps"] == 12
     assert decode["matmul_precision"] == "highest" and decode["matmul"] == "float32"

@@ -129,6 +129,14 @@ def test_analytic_flops_by_hand():
     assert planning.analytic_forward_flops(cfg, 3, T) == 3 * fwd
     got = planning.analytic_train_flops(cfg, 3, T)
     assert got["model"] == got["executed"] == 3 * (3 * fwd - 2 * T * D * E)
+    # 2x2 patches: the block runs on P = 1 position; the patch projections map 4E <-> E
+    patched = types.SimpleNamespace(**dict(vars(cfg), patch_size=2))
+    P = 1
+    self_attn = 4 * (2 * P * E * E) + 2 * (2 * P * P * E)
+    cross = 2 * (2 * P * E * E) + 2 * (2 * T * E * E) + 2 * (2 * P * T * E)
+    mlp = 2 * P * E * M * 2
+    patches = 2 * P * (4 * E) * E + 2 * P * E * (4 * E)
+    assert planning.analytic_forward_flops(patched, 3, T) == 3 * (self_attn + cross + mlp + patches + rest)
 
 
 def test_analytic_activations_without_the_attention_probabilities():

@@ -52,10 +52,12 @@ def _params(result):
 
 
 def test_loss_decreases_on_both_stages(tmp_path):
-    for stage in ("base", "superres"):
+    # the last: the base stage's blocks on 2x2 patches of tokens
+    for name, stage, extra in (("base", "base", ()), ("superres", "superres", ()),
+                               ("patched", "base", ("--config.base.patch_size=2",))):
         cfg = tiny_config("--config.train.num_steps=40", "--config.train.checkpoint_every=100", "--config.train.lr=1e-2",
-                          "--config.train_superres.num_steps=40")
-        r = loop.train_stage(cfg, tmp_path / stage, stage, data=_data(cfg, stage), quiet=True)
+                          "--config.train_superres.num_steps=40", *extra)
+        r = loop.train_stage(cfg, tmp_path / name, stage, data=_data(cfg, stage), quiet=True)
         losses = [r["losses"][s] for s in range(1, 41)]
         assert r["final_step"] == 40 and r["status"] == "done"
         assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), (stage, losses)

@@ -24,6 +24,9 @@ def _closed_form(c: T.TransformerConfig) -> int:
     if c.is_superres:
         n += K * W + c.lowres_grid_size**2 * W + ln + c.num_lowres_layers * self_block + ln
         n += (W * W + W) * c.lowres_add  # projection of the upsampled low-res encoding
+    if c.patch_size > 1:  # patch projections in (p*p*W -> W) and out (W -> p*p*W)
+        pp = c.patch_size**2
+        n += (pp * W * W + W) + (W * pp * W + pp * W)
     return n
 
 
@@ -128,6 +131,41 @@ def test_superres_lowres_add_puts_each_lowres_token_under_the_tokens_it_covers()
     assert np.abs(np.asarray(added[:, 0] - added[:, 2])).max() > 1e-3  # neighbouring low-res tokens differ
     with pytest.raises(ValueError, match="lowres_add needs grid_size"):
         T.build(dict(TINY, grid_size=6, lowres_grid_size=4, num_lowres_layers=1, lowres_add=True))
+
+
+@pytest.mark.parametrize("superres", [False, True])
+def test_patches_group_each_square_of_tokens_and_map_back_to_them(superres):
+    """patch_size=2 on a 4x4 grid: the stack sees 4 positions, each the 4 tokens of one 2x2 square
+    (row-major within it), and each token's logits come from its own slice of its square's output."""
+    extra = dict(lowres_grid_size=2, num_lowres_layers=1, lowres_add=True) if superres else {}
+    model = T.build(dict(TINY, patch_size=2, **extra))
+    assert model.config.num_positions == 4
+    x = _inputs(model)
+    boxed = _jit_init(model, jax.random.key(4), x)
+    assert _closed_form(model.config) == T.count_params(boxed)
+    params = nn.unbox(boxed)
+    apply = jax.jit(lambda p: model.apply({"params": p}, **x, capture_intermediates=True))
+    logits, state = apply(params)
+    assert logits.shape == (2, 16, 16)
+    emb = state["intermediates"]["tokens"]["__call__"][0]  # [B, 16, W], row-major 4x4
+    if superres:
+        emb = emb + state["intermediates"]["lowres_add"]["__call__"][0]
+    got = state["intermediates"]["patch_in"]["__call__"][0]  # [B, 4, W]
+    rows, cols = np.divmod(np.arange(16), 4)
+    square = (rows // 2) * 2 + cols // 2  # the position of each token
+    slot = (rows % 2) * 2 + cols % 2  # its place inside the square
+    order = np.lexsort((slot, square))  # tokens by (square, slot)
+    patches = np.asarray(emb)[:, order].reshape(2, 4, 4 * 32)
+    kernel, bias = params["patch_in"]["kernel"], params["patch_in"]["bias"]
+    np.testing.assert_allclose(got, patches @ kernel + bias, rtol=1e-5, atol=1e-5)
+    # The output slice of slot s reaches exactly the tokens in slot s of their squares.
+    for s in range(4):
+        bumped = jax.tree.map(lambda a: a, params)
+        bumped["patch_out"]["bias"] = params["patch_out"]["bias"].at[s * 32:(s + 1) * 32].add(1.0)
+        changed = np.abs(np.asarray(apply(bumped)[0] - logits)).max(axis=(0, 2)) > 1e-4
+        np.testing.assert_array_equal(changed, slot == s)
+    with pytest.raises(ValueError, match="patch_size 3 must be positive and divide grid_size 4"):
+        T.build(dict(TINY, patch_size=3))
 
 
 def test_remat_and_bf16_match_float32():

@@ -135,17 +135,18 @@ def get_config(arg=None):
         codebook_size=512, grid_size=8, num_layers=4, width=128, mlp_dim=512, num_heads=4,
         text_dim=128, dropout_rate=0.0, attention_dropout_rate=0.0, layer_norm_epsilon=1e-6,
         dtype="float32", remat=False, lowres_grid_size=0, num_lowres_layers=0, tokenizer="",
-        attention="xla", attention_block_size=512))
+        attention="xla", attention_block_size=512, patch_size=1))
     # tokenizer: "" = the shared W/tokenizer; a name of config.tokenizers = W/tokenizer/<name>.
     # attention: "xla" (the [lq, lk] logits at once), "blockwise" (memory O(block^2)), "fused"
     # (jax.nn.dot_product_attention: cuDNN on GPU) or "auto" (muse_jax/models/layers.py).
+    # patch_size: tokens per side of one position of the predicting stack (1: one token per position).
     # Super-res: 8x8 base tokens -> 16x16 tokens of the 64x64 image. lowres_add: the encoded base
     # tokens are also added under the 2x2 high-res tokens each covers (Muse: cross-attention only).
     config.superres = ml_collections.ConfigDict(dict(
         codebook_size=512, grid_size=16, num_layers=4, width=128, mlp_dim=512, num_heads=4,
         text_dim=128, dropout_rate=0.0, attention_dropout_rate=0.0, layer_norm_epsilon=1e-6,
         dtype="float32", remat=False, lowres_grid_size=8, num_lowres_layers=2, lowres_add=True, tokenizer="",
-        attention="xla", attention_block_size=512))
+        attention="xla", attention_block_size=512, patch_size=1))
 
     # Transformer training (muse_jax/training/{optimizer,step,loop}.py), shared by both stages.
     t = config.train = ml_collections.ConfigDict()
