@@ -10,7 +10,9 @@ TPUs that is XLA's default (bfloat16 multiplies); on GPUs XLA's default (TF32 on
 on an x86 CPU with bfloat16 matmul instructions (AMX-BF16 or AVX512-BF16) the float32 dots are
 handed to oneDNN, which multiplies bfloat16-rounded inputs into float32 accumulators, as a TPU
 does (on the project's AMX CPU: ~3x XLA's float32 throughput on a 2048^3 product, 1.1-2.2x on whole
-training steps and decodes, see benchmarks/RESULTS.md). Elsewhere it is plain float32.
+training steps and decodes, see benchmarks/RESULTS.md). Elsewhere it is plain float32, also where
+oneDNN keeps float32 kernels despite the instructions (a 2-core AMD EPYC with AVX512-BF16: oneDNN 3.7
+runs its avx512_core f32 matmul there), which the probe below detects.
 "highest": float32 multiplies everywhere (`jax.default_matmul_precision("highest")`; on CPU,
 XLA's own dots). Use it for numerical parity checks, and as the way out should a dot ever fail
 to compile through oneDNN (XLA's oneDNN path is experimental).
