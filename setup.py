@@ -20,6 +20,10 @@ INSTALL_REQUIRES = [
     "absl-py==2.5.1",
     # Text: sentencepiece trains the shapes vocabulary in-process and reads T5's .model.
     "sentencepiece==0.2.3",
+    # CLIP's BPE pre-tokenizer (muse_jax/data/clip_bpe.py) needs Unicode classes (\p{L}, \p{N}) that
+    # the standard library's re lacks. 2026.12.2 is the version already installed here beside the
+    # test extra's transformers (needs regex>=2025.10.22) and diffusers (regex!=2019.12.17).
+    "regex==2026.12.2",
     # clu: only clu.metrics and clu.parameter_overview are used; clu.metric_writers and
     # clu.periodic_actions import TensorFlow, which is not a dependency.
     "clu==0.0.12",

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muse_jax import editing, image_ops, precision, sampling
+from muse_jax import amused, editing, image_ops, precision, sampling
 from muse_jax import workdir as workdir_lib
 from muse_jax.training import partitioning
 from muse_jax.training import state as state_lib
@@ -55,9 +55,22 @@ class SampleOptions:
     edit_fraction: float = 0.08
     edit_choice_temperature: float = 1.0
     matmul_precision: str = "default"  # muse_jax.precision.PRECISIONS
+    scheduler: str = "muse"  # sampling.SCHEDULERS ("amused": aMUSEd's, the default of imported aMUSEd workdirs)
+    strength: float = 0.0  # > 0: `edit` without a mask is image-to-image at this strength ("amused" only)
+    micro_conditioning: tuple[float, ...] = ()  # aMUSEd: (width, height, crop top, crop left, aesthetic score)
+    inpaint_schedule: str = ""  # the mask schedule of inpainting ("": `schedule`; aMUSEd inpaints with "linear")
 
     def __post_init__(self):
         precision.check(self.matmul_precision)
+        object.__setattr__(self, "micro_conditioning", tuple(float(v) for v in self.micro_conditioning))
+        if self.micro_conditioning and len(self.micro_conditioning) != 5:
+            raise ValueError(f"micro_conditioning takes 5 numbers (width, height, crop top, crop left, aesthetic "
+                             f"score), got {len(self.micro_conditioning)}")
+        if not 0.0 <= self.strength <= 1.0 or (self.strength and self.scheduler != "amused"):
+            raise ValueError(f"strength must be in [0, 1] and needs scheduler 'amused', got {self.strength} "
+                             f"({self.scheduler})")
+        if self.strength and int(self.steps * self.strength) < 1:
+            raise ValueError(f"strength {self.strength} of {self.steps} steps runs no step; raise either")
         if self.guidance_schedule not in sampling.GUIDANCE_SCHEDULES:
             raise ValueError(
                 f"unknown guidance schedule {self.guidance_schedule!r}; expected one of {sampling.GUIDANCE_SCHEDULES}"
@@ -81,10 +94,12 @@ class SampleOptions:
         d.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**d)
 
-    def decode_options(self, stage: str) -> sampling.DecodeOptions:
+    def decode_options(self, stage: str, img2img: bool = False) -> sampling.DecodeOptions:
+        steps = self.steps if stage == "base" else self.sr_steps
         return sampling.DecodeOptions(
-            num_steps=self.steps if stage == "base" else self.sr_steps, mask_schedule=self.schedule,
-            choice_temperature=self.choice_temperature, temperature=self.temperature, top_k=self.top_k,
+            num_steps=steps, mask_schedule=self.schedule, choice_temperature=self.choice_temperature,
+            temperature=self.temperature, top_k=self.top_k, scheduler=self.scheduler,
+            first_step=steps - int(steps * self.strength) if img2img else 0,
         )
 
 
@@ -105,6 +120,7 @@ class Stage:
     embed: Callable[[Any, dict], tuple]
     apply: Callable[..., jax.Array]
     lowres_grid_size: int = 0
+    micro_conditioning: tuple[float, ...] | None = None  # the default of a stage that takes micro-conditions
 
     @property
     def num_tokens(self) -> int:
@@ -141,6 +157,28 @@ class Stage:
 
         return cls(name, params, cfg.grid_size, model.mask_token_id, prepare_text, embed, apply,
                    cfg.lowres_grid_size)
+
+    @classmethod
+    def from_amused(cls, loaded) -> Stage:
+        """An imported aMUSEd (`muse_jax.amused.load`): CLIP-L/14 text encoding runs inside the program
+        (params["clip"]), the UVit2D takes its penultimate hidden states, the projected pooled embedding
+        and the micro-conditions."""
+        from muse_jax.models import clip
+
+        def prepare_text(prompts):
+            ids, _ = loaded.tokenizer(list(prompts))
+            return {"ids": ids}
+
+        def embed(params, t):
+            hidden, pooled = clip.text_hidden_and_embeds(params["clip"], t["ids"], config=loaded.clip_config,
+                                                         hidden_layer=loaded.hidden_layer)
+            return {"hidden": hidden, "pooled": pooled, "micro": t["micro"]}, None
+
+        def apply(params, tokens, emb, mask, lowres=None):
+            return loaded.uvit.apply({"params": params["uvit"]}, tokens, emb["hidden"], emb["pooled"], emb["micro"])
+
+        return cls("base", loaded.params, loaded.grid_size, loaded.mask_token_id, prepare_text, embed, apply,
+                   micro_conditioning=loaded.micro_conditioning)
 
     @classmethod
     def from_workdir(cls, workdir, name: str, sharding=None, step: int | None = None) -> Stage:
@@ -235,6 +273,11 @@ class Pipeline:
         options = SampleOptions.from_config(config.get("sample"), **overrides)
         if mesh is None and len(jax.devices()) > 1 and "mesh" in config:
             mesh = partitioning.make_mesh(config.mesh)
+        if amused.is_amused(workdir):  # one stage, CLIP text, the imported VQGAN
+            rules = None if mesh is None else partitioning.logical_rules(config)
+            base = Stage.from_amused(amused.load(workdir, mesh=mesh, rules=rules))
+            return cls(workdir_lib.load_image_tokenizer(workdir, mesh=mesh), base, None, options, mesh=mesh,
+                       rules=rules)
         if not workdir_lib.tokenizer_dir(workdir).is_dir():  # the first thing training makes
             raise FileNotFoundError(f"no trained tokenizer in {workdir_lib.tokenizer_dir(workdir)} (run `muse-jax "
                                     f"train-tokenizer --workdir {workdir}` first)")
@@ -264,8 +307,9 @@ class Pipeline:
 
     def _program(self, stage: Stage, opts: SampleOptions, guided: bool, edit: bool):
         stage_key = "base" if stage is self.base else "superres"
-        dec = opts.decode_options(stage_key)
-        e = (opts.edit_iterations, opts.edit_fraction, opts.edit_choice_temperature) if edit else None
+        img2img = edit and opts.strength > 0
+        dec = opts.decode_options(stage_key, img2img=img2img)
+        e = (opts.edit_iterations, opts.edit_fraction, opts.edit_choice_temperature) if edit and not img2img else None
         key = (stage_key, dec, guided, opts.guidance_schedule, e, opts.matmul_precision)
         if key not in self._programs:
             self._programs[key] = _stage_program(stage, dec, guided, opts.guidance_schedule, e, opts.matmul_precision)
@@ -305,9 +349,15 @@ class Pipeline:
             pad = chunk - (hi - lo)
             padded = lambda x: np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x  # noqa: E731
             p = list(prompts[lo:hi]) + [prompts[hi - 1]] * pad
-            cond = jax.tree_util.tree_map(self._put, stage.prepare_text(p))
-            uncond = jax.tree_util.tree_map(self._put, stage.prepare_text([opts.negative_prompt] * chunk)) if guided \
-                else None
+            cond = stage.prepare_text(p)
+            uncond = stage.prepare_text([opts.negative_prompt] * chunk) if guided else None
+            if stage.micro_conditioning is not None:  # the same for both branches, as aMUSEd
+                micro = np.tile(np.float32(opts.micro_conditioning or stage.micro_conditioning), (chunk, 1))
+                cond["micro"] = micro
+                if guided:
+                    uncond["micro"] = micro
+            cond = jax.tree_util.tree_map(self._put, cond)
+            uncond = jax.tree_util.tree_map(self._put, uncond)
             low = None if lowres is None else self._put(padded(lowres[lo:hi]))
             with self._axis_rules():
                 tokens = program(stage.params, self._put(padded(start[lo:hi])), cond, uncond, low,
@@ -408,6 +458,8 @@ class Pipeline:
         """Inpainting / outpainting (Muse 3.3): regenerate the masked pixels (mask nonzero) at both
         scales; uint8 [B, S, S, 3] -> uint8 [B, S, S, 3], pixels outside the masks unchanged."""
         opts = self._options(overrides)
+        if opts.inpaint_schedule:
+            opts = dataclasses.replace(opts, schedule=opts.inpaint_schedule)
         images, masks = self._check_images(images, masks)
         prompts = self._check_prompts(prompts, images.shape[0])
         key = jax.random.key(seed)

@@ -91,6 +91,15 @@ def _import_tokenizer(args, overrides):
     print(f"imported {args.diffusers} into {out}: f{tok.factor}, {tok.codebook_size} codes, {args.image_size} px")
 
 
+def _import_amused(args, overrides):
+    from muse_jax import amused
+
+    s = amused.import_pipeline(args.workdir, args.source)
+    print(f"imported {args.source} into {s['workdir']}: aMUSEd {s['resolution']} px ({s['grid_size']}x{s['grid_size']} "
+          f"tokens), UVit2D {s['uvit_params'] / 1e6:.1f}M and CLIP text {s['text_params'] / 1e6:.1f}M parameters; "
+          f"sample with `muse-jax sample --workdir {s['workdir']} --prompt ... --out grid.png`")
+
+
 def _train(args, overrides):
     from muse_jax import config as config_lib
     from muse_jax.training import loop
@@ -127,7 +136,11 @@ def _sampling_overrides(args) -> dict:
     return dict(steps=args.steps, sr_steps=args.sr_steps, guidance=args.guidance,
                 guidance_schedule=args.guidance_schedule, negative_prompt=args.negative_prompt,
                 temperature=args.temperature, top_k=args.top_k, choice_temperature=args.choice_temperature,
-                matmul_precision=args.matmul_precision)
+                matmul_precision=args.matmul_precision, micro_conditioning=_floats(args.micro_conditioning))
+
+
+def _floats(text):
+    return None if text is None else tuple(float(v) for v in text.split(","))
 
 
 def _sample(args, overrides):
@@ -151,7 +164,8 @@ def _edit(args, overrides):
 
     pipe = cascade.Pipeline.from_workdir(args.workdir)
     image = cascade.load_image(args.image, pipe.image_size)
-    kw = dict(_sampling_overrides(args), edit_iterations=args.iterations, edit_fraction=args.fraction)
+    kw = dict(_sampling_overrides(args), edit_iterations=args.iterations, edit_fraction=args.fraction,
+              strength=args.strength)
     if args.mask is not None:
         mask = cascade.load_mask(args.mask, args.image, pipe.image_size)
         out = pipe.inpaint(image, mask, [args.prompt], seed=args.seed, **kw)
@@ -172,6 +186,8 @@ def _add_sampling_args(p):
     p.add_argument("--choice-temperature", type=float, help="Gumbel temperature of the confidence ranking")
     p.add_argument("--matmul-precision", choices=["default", "highest"],
                    help="default: the backend's fast matmul (bfloat16 multiplies on TPUs and AMX CPUs); highest: float32")
+    p.add_argument("--micro-conditioning", metavar="W,H,TOP,LEFT,AESTHETIC",
+                   help="aMUSEd workdirs: original size, crop and aesthetic score (default: S,S,0,0,6 at S px)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -276,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--iterations", type=int, help="mask-free editing iterations (default: config.sample)")
     p.add_argument("--fraction", type=float, help="mask-free editing: share of tokens re-sampled per iteration")
+    p.add_argument("--strength", type=float,
+                   help="aMUSEd workdirs: image-to-image strength in (0, 1] without --mask (default: config.sample, "
+                        "0.5); 0: Muse's mask-free editing")
     p.add_argument("--out", required=True, help="output PNG")
     p.set_defaults(fn=_edit)
 
@@ -293,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="", help="its name (W/tokenizer/NAME, as config.<stage>.tokenizer says)")
     p.add_argument("--image-size", type=int, default=256, help="the pixel size it tokenizes (256 for the base)")
     p.set_defaults(fn=_import_tokenizer)
+
+    p = sub.add_parser("import-amused", help="the public aMUSEd-256/512 weights (a diffusers pipeline folder) as "
+                       "a new workdir that sample, edit and eval use")
+    p.add_argument("--workdir", required=True, help="a new (empty or absent) workdir")
+    p.add_argument("source", help="a diffusers AmusedPipeline folder (transformer/, text_encoder/, tokenizer/, "
+                   "vqvae/, scheduler/), or a hub id such as amused/amused-256 where there is network")
+    p.set_defaults(fn=_import_amused)
 
     p = sub.add_parser("train", help="train the base and/or super-resolution transformer into W/<stage>")
     p.add_argument("--workdir", required=True)

@@ -9,6 +9,19 @@ tokens still masked after step t is exactly `mask_counts(...)[t]`. Tokens that w
 (not `mask_token_id` at the start) are never changed. The loop is a `lax.fori_loop`:
 under `jax.jit` the whole sampler is one compiled program, with no host round trips.
 
+Two schedulers share the loop (`DecodeOptions.scheduler`):
+  "muse"    the counts above; confidence = log-softmax of the sample + Gumbel noise at temperature
+            choice_temperature * (1 - (t + 1) / S) (MaskGIT, Muse).
+  "amused"  aMUSEd's (diffusers `AmusedScheduler`): after step t, floor(L * rho * gamma((t + 1) / S))
+            tokens stay masked, with L the sequence length and rho the fraction of it unknown at the
+            start (1 when generating, the mask's share when inpainting), clamped to [1, unknown - 1];
+            confidence = log(max(p, 1e-20)) of the sample + Gumbel noise at a temperature going
+            linearly from choice_temperature to 0 over the S steps (aMUSEd: 2 -> 0). With
+            `first_step` = k > 0 (image-to-image, aMUSEd's strength = 1 - k / S) every token is given,
+            each is re-masked with probability gamma(k / S), and steps k .. S-1 run.
+Each step draws one uniform number per token for the sample and, in "amused", one per token for
+the Gumbel noise (`amused_draws`), so a reference implementation can be fed the same draws.
+
 Guidance, super-resolution and editing are built around the loop by wrapping
 `logits_fn` (see `guided_logits_fn`), not inside the model.
 """
@@ -26,6 +39,7 @@ from muse_jax import masking
 
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
 GUIDANCE_SCHEDULES = ("constant", "linear")
+SCHEDULERS = ("muse", "amused")
 # Guard against float32 rounding when n * gamma(r) is an exact integer (e.g. 60 * 2/3).
 _FLOOR_EPS = 1e-3
 
@@ -39,8 +53,15 @@ class DecodeOptions:
     choice_temperature: float = 4.5  # Gumbel temperature on confidences at step 0 (MaskGIT)
     temperature: float = 1.0  # sampling temperature on the logits
     top_k: int = 0  # 0: sample from the full distribution
+    scheduler: str = "muse"  # SCHEDULERS: how many tokens stay masked and how confidence is noised
+    first_step: int = 0  # "amused" only: image-to-image from step k (all tokens given, re-masked at gamma(k / S))
 
     def __post_init__(self):
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; expected one of {SCHEDULERS}")
+        if not 0 <= self.first_step < max(self.num_steps, 1) or (self.first_step and self.scheduler != "amused"):
+            raise ValueError(f"first_step must be in [0, num_steps) and needs scheduler='amused', got "
+                             f"{self.first_step} ({self.scheduler}, {self.num_steps} steps)")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.mask_schedule not in masking.SCHEDULES:
@@ -99,12 +120,38 @@ def sample_categorical(rng: jax.Array, logits: jax.Array) -> jax.Array:
     noise was most of the decode loop's own time). Categories with zero weight (-inf logits) are
     never drawn.
     """
+    return categorical_from_uniform(logits, jax.random.uniform(rng, logits.shape[:-1]))
+
+
+def categorical_from_uniform(logits: jax.Array, u: jax.Array) -> jax.Array:
+    """The category of logits [..., K] whose CDF interval holds u [...] in [0, 1): int32 [...]."""
     logits = logits.astype(jnp.float32)
     cdf = jnp.cumsum(jnp.exp(logits - logits.max(axis=-1, keepdims=True)), axis=-1)
     total = cdf[..., -1:]
     # u < total, so the count below is at most the index of the last category with weight > 0.
-    u = jnp.minimum(jax.random.uniform(rng, total.shape) * total, jnp.nextafter(total, 0.0))
+    u = jnp.minimum(u[..., None] * total, jnp.nextafter(total, 0.0))
     return jnp.sum(cdf <= u, axis=-1).astype(jnp.int32)
+
+
+def amused_draws(rng: jax.Array, step, shape: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    """The uniform numbers [B, N] the "amused" scheduler draws at `step`: (sample, Gumbel noise)."""
+    sample_rng, choice_rng = jax.random.split(jax.random.fold_in(rng, step))
+    return jax.random.uniform(sample_rng, shape), jax.random.uniform(choice_rng, shape)
+
+
+def amused_remask_draw(rng: jax.Array, num_steps: int, shape: tuple[int, int]) -> jax.Array:
+    """The uniform numbers [B, N] that re-mask the given tokens before an image-to-image decode."""
+    return jax.random.uniform(jax.random.fold_in(rng, num_steps), shape)
+
+
+def gumbel_from_uniform(u: jax.Array) -> jax.Array:
+    """-log(-log(u)), both logs clamped at 1e-20 (as diffusers' `gumbel_noise`)."""
+    return -jnp.log(jnp.maximum(-jnp.log(jnp.maximum(u, 1e-20)), 1e-20))
+
+
+def _amused_ratio(t, num_steps: int, mask_schedule: str) -> jax.Array:
+    """gamma((t + 1) / S) in float32, computed in the order of `AmusedScheduler.step`."""
+    return masking.schedule(mask_schedule, jnp.asarray(t + 1, jnp.float32) / jnp.float32(num_steps))
 
 
 def token_log_prob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -136,6 +183,8 @@ def decode(
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    if options.scheduler == "amused":
+        return _decode_amused(logits_fn, tokens, rng, mask_token_id, options, return_intermediates)
     steps = options.num_steps
     num_unknown = jnp.sum(tokens == mask_token_id, axis=-1)
     counts = mask_counts(num_unknown, steps, options.mask_schedule)  # [S, B]
@@ -164,6 +213,41 @@ def decode(
 
     history = jnp.zeros((steps, batch, length) if return_intermediates else (0,), jnp.int32)
     out, history = jax.lax.fori_loop(0, steps, body, (tokens, history))
+    return (out, history) if return_intermediates else out
+
+
+def _decode_amused(logits_fn, tokens, rng, mask_token_id, options, return_intermediates):
+    steps, first = options.num_steps, options.first_step
+    batch, length = tokens.shape
+    if first:  # image-to-image: re-mask each given token with probability gamma(k / S)
+        keep = amused_remask_draw(rng, steps, tokens.shape) >= _amused_ratio(first - 1, steps, options.mask_schedule)
+        tokens = jnp.where(keep, tokens, mask_token_id)
+        start_ratio = jnp.ones((batch, 1), jnp.float32)
+    else:
+        start_ratio = jnp.sum(tokens == mask_token_id, axis=-1, keepdims=True).astype(jnp.float32) / length
+    temperatures = jnp.linspace(options.choice_temperature, 0.0, steps, dtype=jnp.float32)
+
+    def body(t, state):
+        cur, history = state
+        logits = process_logits(logits_fn(cur, t), options.temperature, options.top_k)
+        u_sample, u_choice = amused_draws(rng, t, cur.shape)
+        unknown = cur == mask_token_id
+        sampled = jnp.where(unknown, categorical_from_uniform(logits, u_sample), cur)
+        prob = jnp.exp(token_log_prob(logits, sampled))
+        confidence = jnp.log(jnp.maximum(prob, 1e-20)) + temperatures[t] * gumbel_from_uniform(u_choice)
+        confidence = jnp.where(unknown, confidence, jnp.inf)
+        target = jnp.floor(length * (start_ratio * _amused_ratio(t, steps, options.mask_schedule)))
+        count = jnp.maximum(1, jnp.minimum(jnp.sum(unknown, axis=-1, keepdims=True) - 1, target.astype(jnp.int32)))
+        count = jnp.where(t == steps - 1, 0, count)
+        cur = jnp.where(ranks(confidence) < count, mask_token_id, sampled)
+        if return_intermediates:
+            history = jax.lax.dynamic_update_slice(history, cur[None], (t, 0, 0))
+        return cur, history
+
+    history = jnp.zeros((steps, batch, length) if return_intermediates else (0,), jnp.int32)
+    if return_intermediates and first:
+        history = history.at[:first].set(tokens[None])
+    out, history = jax.lax.fori_loop(first, steps, body, (tokens, history))
     return (out, history) if return_intermediates else out
 
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from muse_jax.evaluation import clip
+from muse_jax.models import clip
 
 VOCAB, CONTEXT = 100, 16
 
@@ -181,3 +181,111 @@ def test_preset_param_counts(preset, hf_count):
     assert abs(n - hf_count) / hf_count < 0.005, n
     assert shapes["vision_model"]["position_embedding"].shape[0] == (224 // cfg.vision.patch_size) ** 2 + 1
     assert shapes["text_projection"]["kernel"].shape == (cfg.text.hidden_size, cfg.projection_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# The text tower alone, as aMUSEd's text encoder (CLIPTextModelWithProjection).
+
+TEXT_LAYERS = 3
+
+
+@functools.cache
+def _hf_text_model(eos):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tc = transformers.CLIPTextConfig(vocab_size=VOCAB, max_position_embeddings=CONTEXT, hidden_size=32,
+                                     intermediate_size=64, num_hidden_layers=TEXT_LAYERS, num_attention_heads=4,
+                                     hidden_act="quick_gelu", projection_dim=24, pad_token_id=1, bos_token_id=0,
+                                     eos_token_id=eos)
+    tc._attn_implementation = "eager"
+    torch.manual_seed(1)
+    model = transformers.CLIPTextModelWithProjection(tc).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _padded_ids(eos):
+    """Rows as aMUSEd's tokenizer gives them: <bos> tokens <eos>, padded to the full length; no mask."""
+    rng = np.random.default_rng(2)
+    end = VOCAB - 1 if eos == 2 else eos  # legacy rule: the end token is the largest id
+    pad = 1 if eos == 2 else eos  # first-occurrence rule: padded with the end token, as CLIP-L/14's tokenizer
+    ids = np.full((3, CONTEXT), pad)
+    for row, n in enumerate((5, CONTEXT - 2, 0)):
+        ids[row, :n + 2] = [0, *rng.integers(3, VOCAB - 4, n), end]
+    return ids
+
+
+@pytest.mark.parametrize("eos", [2, VOCAB - 3])
+def test_text_hidden_and_embeds_match_hf_text_model_with_projection(eos, tmp_path):
+    import torch
+
+    model = _hf_text_model(eos)
+    model.save_pretrained(tmp_path)
+    cfg, params = clip.load_text_hf(tmp_path)
+    assert set(params) == {"text_model", "text_projection"}
+    assert cfg.projection_dim == 24 and cfg.text.num_hidden_layers == TEXT_LAYERS and cfg.text.eos_token_id == eos
+    assert clip.CLIPConfig.from_hf(model.config) == cfg  # a transformers CLIPTextConfig object too
+
+    ids = _padded_ids(eos)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), output_hidden_states=True)  # no attention mask, as aMUSEd
+    assert len(out.hidden_states) == TEXT_LAYERS + 1
+    with jax.default_matmul_precision("highest"):
+        hidden, embeds = clip.text_hidden_and_embeds(params, ids, config=cfg)
+        assert hidden.shape == (3, CONTEXT, 32) and embeds.shape == (3, 24)
+        assert _rel_err(np.asarray(hidden), out.hidden_states[-2].numpy()) < 1e-4
+        assert _rel_err(np.asarray(embeds), out.text_embeds.numpy()) < 1e-4
+        for layer in (0, -1, TEXT_LAYERS - 1):  # HF's indexing: 0 the embeddings, -1 the last layer (before the norm)
+            h, _ = clip.text_hidden_and_embeds(params, ids, config=cfg, hidden_layer=layer)
+            assert _rel_err(np.asarray(h), out.hidden_states[layer].numpy()) < 1e-4, layer
+        # Traceable: inside another jitted function.
+        jitted = jax.jit(lambda p, i: clip.text_hidden_and_embeds(p, i, config=cfg))(params, ids)
+    np.testing.assert_allclose(np.asarray(jitted[0]), np.asarray(hidden), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="hidden_layer"):
+        clip.text_hidden_and_embeds(params, ids, config=cfg, hidden_layer=TEXT_LAYERS + 1)
+
+
+def test_text_hidden_and_embeds_on_full_clip_params():
+    """A CLIPModel's params (and checkpoint) serve the text side too; with a mask, text_embeds = embed_texts."""
+    model = _hf_model("l14_like")
+    cfg = clip.CLIPConfig.from_hf(model.config.to_dict())
+    full = clip.load_hf(model.state_dict(), cfg)
+    text_cfg, text_only = clip.load_text_hf(model.state_dict(), cfg)  # vision weights skipped
+    assert text_cfg == cfg and set(text_only) == {"text_model", "text_projection"}
+    ids, mask = _ids(cfg.text.eos_token_id)
+    with jax.default_matmul_precision("highest"):
+        _, embeds = clip.text_hidden_and_embeds(full, ids, mask, config=cfg)
+        _, embeds_text_only = clip.text_hidden_and_embeds(text_only, ids, mask, config=cfg)
+        ref = clip.embed_texts(full, ids, mask, config=cfg)
+    np.testing.assert_allclose(np.asarray(embeds), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(embeds), np.asarray(embeds_text_only))
+    with pytest.raises(ValueError, match="text_projection"):
+        clip.text_hidden_and_embeds({"text_model": full["text_model"]}, ids, config=cfg)
+
+
+def test_load_text_hf_errors(tmp_path):
+    model = _hf_text_model(2)
+    sd = dict(model.state_dict())
+    cfg, _ = clip.load_text_hf(sd, model.config.to_dict())
+    missing = dict(sd)
+    del missing["text_model.encoder.layers.1.mlp.fc2.bias"]
+    with pytest.raises(ValueError, match="missing.*text_model.encoder.layers.1.mlp.fc2.bias"):
+        clip.load_text_hf(missing, cfg)
+    extra = dict(sd, **{"text_model.encoder.layers.7.mlp.fc1.bias": sd["text_projection.weight"][0]})
+    with pytest.raises(ValueError, match="unexpected.*layers.7"):
+        clip.load_text_hf(extra, cfg)
+    with pytest.raises(ValueError, match="config"):
+        clip.load_text_hf(sd)  # a state dict needs a config
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        clip.load_text_hf(tmp_path / "nowhere")
+    (tmp_path / "no_config").mkdir()
+    with pytest.raises(FileNotFoundError, match="no_config has no config.json"):
+        clip.load_text_hf(tmp_path / "no_config")
+    model.save_pretrained(tmp_path / "no_weights")
+    (tmp_path / "no_weights" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no_weights.*model.safetensors"):
+        clip.load_text_hf(tmp_path / "no_weights")
+    with pytest.raises(ValueError, match="CLIPTextConfig"):
+        clip.CLIPConfig.from_hf({"model_type": "t5", "d_model": 8})

@@ -18,7 +18,7 @@ LAYERS = (
     ("data", ("data",)),
     # What the workdir loaders read and place: Orbax checkpoints on a mesh.
     ("checkpoints and meshes", ("training.checkpoint", "training.partitioning", "training.writer")),
-    ("workdir", ("workdir",)),
+    ("workdir", ("workdir", "amused")),
     ("training", ("training",)),
     ("inference", ("editing", "cascade")),
     ("evaluation", ("evaluation",)),

@@ -93,7 +93,7 @@ def test_import_into_a_workdir_as_a_named_tokenizer(tmp_path, capsys):
     tok = workdir_lib.load_image_tokenizer(w, name="base")
     x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     with torch.no_grad():
-        h = model.encode(torch.from_numpy(x.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)).latents
+        h = model.encode(torch.from_numpy(x.astype(np.float32) / 255).permute(0, 3, 1, 2)).latents
         ref = model.quantize(h)[2][2].reshape(2, 8, 8).numpy()
     np.testing.assert_array_equal(np.asarray(tok.encode(x)), ref)
     assert cli.main(args) == 2 and "already holds a tokenizer" in capsys.readouterr().err

@@ -12,7 +12,6 @@ offline in-domain feature set), tokenizer metrics, and sweeps.
   metrics.py    `psnr`, `ssim`, `codebook_usage`
   sweep.py      `write_sweep` (JSON + PNG of quality vs steps / guidance), `write_front` (FID vs CLIP)
   report.py     `evaluate_images`, `evaluate_tokenizer`, `validate_detector`, `timed_generation`
-  clip.py       CLIP (Flax) for the CLIP score, `load_hf`, `load_tokenizer`
   caption_sets.py  captions and reference images of a txt / jsonl / folder / tfds source
   zero_shot.py  `muse-jax eval --prompts`: FID and CLIP score on a caption set, chunked, resumable,
                 sharded over processes

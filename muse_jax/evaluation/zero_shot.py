@@ -100,7 +100,7 @@ class Scorer:
         if self.inception is not None:
             out["inception"] = self.inception_features(images, batch_size)
         if self.clip is not None:
-            from muse_jax.evaluation import clip
+            from muse_jax.models import clip
 
             n = len(images)
             ids, mask = self.clip_tokenize(list(prompts) + [prompts[-1]] * (batch_size - n))
@@ -116,7 +116,9 @@ def load_scorer(inception_path: str | None = None, resize: str = "clean", clip_p
     """A Scorer from weight files: InceptionV3 (pytorch-fid .pth or .npz) and a Hugging Face CLIP
     checkpoint directory (config.json, *.safetensors, vocab.json, merges.txt); `clip_model` (a
     preset, "vit-b-32" or "vit-l-14") gives the config and the reported name instead of config.json."""
-    from muse_jax.evaluation import clip, inception
+    from muse_jax.data import clip_bpe
+    from muse_jax.evaluation import inception
+    from muse_jax.models import clip
 
     variables = inception.load_inception(inception_path) if inception_path else None
     if not clip_path:
@@ -129,7 +131,7 @@ def load_scorer(inception_path: str | None = None, resize: str = "clean", clip_p
     else:
         config = clip.CLIPConfig.from_hf(json.loads((pathlib.Path(clip_path) / "config.json").read_text()))
     name = clip_model or pathlib.Path(clip_path).resolve().name
-    tokenize = clip.load_tokenizer(clip_path, config.text.max_position_embeddings)
+    tokenize = clip_bpe.CLIPTokenizer.from_dir(clip_path, config.text.max_position_embeddings)
     return Scorer(variables, resize, params, config, tokenize, name)
 
 

@@ -34,6 +34,9 @@ from muse_jax.models import layers
 # ---------------------------------------------------------------------------------------
 
 
+PIXEL_RANGES = ("-1,1", "0,1")
+
+
 @dataclasses.dataclass(frozen=True)
 class VQGANConfig:
     """The architecture of a VQGAN; `factor = 2 ** (len(channels) - 1)`."""
@@ -55,6 +58,9 @@ class VQGANConfig:
     mid_attention: bool = False  # self-attention in the middle blocks (diffusers option)
     quant_conv: bool = False  # 1x1 convs latent_channels <-> code_dim around the quantizer
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    # The pixel values the network takes and gives: "-1,1" (this project's VQGANs), or "0,1" (aMUSEd's
+    # and open-muse's, which their pipelines feed un-normalised images).
+    pixel_range: str = "-1,1"
 
     @property
     def factor(self) -> int:
@@ -69,6 +75,8 @@ class VQGANConfig:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         if len(self.channels) < 1:
             raise ValueError("VQGANConfig.channels needs at least one width")
+        if self.pixel_range not in PIXEL_RANGES:
+            raise ValueError(f"pixel_range must be one of {PIXEL_RANGES}, got {self.pixel_range!r}")
         if self.norm not in ("group", "layer"):
             raise ValueError(f"norm must be 'group' or 'layer', got {self.norm!r}")
         for c in (*self.channels, self.latent_channels):
@@ -330,18 +338,20 @@ class VectorQuantizer(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
-def to_float_images(images: jax.Array) -> jax.Array:
-    """uint8 [0,255] -> float32 [-1,1]; float input is passed through as float32."""
+def to_float_images(images: jax.Array, pixel_range: str = "-1,1") -> jax.Array:
+    """uint8 [0,255] -> float32 in `pixel_range` ("-1,1" or "0,1"); float input is passed through as float32."""
     if images.dtype == jnp.uint8:
-        return images.astype(jnp.float32) / 127.5 - 1.0
+        x = images.astype(jnp.float32)
+        return x / 255.0 if pixel_range == "0,1" else x / 127.5 - 1.0
     if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise ValueError(f"images must be uint8 or float in [-1, 1], got dtype {images.dtype}")
+        raise ValueError(f"images must be uint8 or float in [{pixel_range}], got dtype {images.dtype}")
     return images.astype(jnp.float32)
 
 
-def to_uint8_images(images: jax.Array) -> jax.Array:
-    """float [-1,1] -> uint8 [0,255] (clipped, rounded)."""
-    return jnp.round(jnp.clip((images + 1.0) * 127.5, 0.0, 255.0)).astype(jnp.uint8)
+def to_uint8_images(images: jax.Array, pixel_range: str = "-1,1") -> jax.Array:
+    """float in `pixel_range` -> uint8 [0,255] (clipped, rounded)."""
+    scaled = images * 255.0 if pixel_range == "0,1" else (images + 1.0) * 127.5
+    return jnp.round(jnp.clip(scaled, 0.0, 255.0)).astype(jnp.uint8)
 
 
 class VQGAN(nn.Module):
@@ -372,7 +382,7 @@ class VQGAN(nn.Module):
             raise ValueError(
                 f"image size {h}x{w} is not divisible by the downsampling factor {cfg.factor}"
             )
-        return to_float_images(images)
+        return to_float_images(images, cfg.pixel_range)
 
     def encode_latents(self, images: jax.Array) -> jax.Array:
         """Images -> pre-quantisation latents [B,h,w,code_dim] (float32)."""
@@ -446,7 +456,8 @@ def _jitted_codec(config: VQGANConfig, mesh, batch_axes):
         return shard(model.apply({"params": params}, shard(images), method=VQGAN.encode))
 
     def decode(params, tokens):
-        return shard(to_uint8_images(model.apply({"params": params}, shard(tokens), method=VQGAN.decode)))
+        images = model.apply({"params": params}, shard(tokens), method=VQGAN.decode)
+        return shard(to_uint8_images(images, config.pixel_range))
 
     return jax.jit(encode), jax.jit(decode)
 

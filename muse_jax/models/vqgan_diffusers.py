@@ -45,6 +45,7 @@ def config_from_diffusers(dcfg: Mapping[str, Any], **overrides) -> VQGANConfig:
         mid_attention=bool(dcfg.get("mid_block_add_attention", True)),
         quant_conv=True,
         l2_normalize=False,
+        pixel_range="0,1",  # aMUSEd's pipelines feed the VQModel un-normalised [0, 1] images and clip its output there
     )
     kw.update(overrides)
     return VQGANConfig(**kw)

@@ -1,4 +1,5 @@
-"""CLIP (Radford et al. 2021) in Flax linen, for the CLIP score of generated images, plus `load_hf`.
+"""CLIP (Radford et al. 2021) in Flax linen: the CLIP score of generated images, and CLIP's text
+tower as a conditioning model (aMUSEd's text encoder is CLIP-L/14's `CLIPTextModelWithProjection`).
 
 Both towers follow the published OpenAI architecture, with Hugging Face `CLIPModel` parameter
 semantics so that its checkpoints convert one to one:
@@ -29,9 +30,14 @@ Use:
   img = embed_images(params, uint8_images, config=cfg)  # uint8 [N, H, W, 3] -> [N, 512]
   txt = embed_texts(params, ids, mask, config=cfg)      # ids from CLIP's BPE tokenizer
   scores = clip_score(img, txt)                          # [N], 100 * max(cos, 0)
-Token ids come from CLIP's byte-level BPE tokenizer, which is not part of this module:
-`load_tokenizer(checkpoint_dir)` wraps transformers' `CLIPTokenizer` built from the checkpoint's
-vocab.json / merges.txt (transformers is needed for it).
+Token ids come from CLIP's byte-level BPE tokenizer, which is not part of this module (models
+import no data code): `muse_jax.data.clip_bpe.CLIPTokenizer.from_dir(checkpoint_dir)` reads the
+checkpoint's vocab.json / merges.txt.
+
+The text tower alone, as aMUSEd conditions on it (`text_encoder(ids, output_hidden_states=True)`,
+no attention mask; the penultimate hidden states for cross-attention, text_embeds pooled):
+  cfg, params = load_text_hf("/path/to/amused/text_encoder")  # a CLIPTextModelWithProjection folder
+  hidden, pooled = text_hidden_and_embeds(params, ids, config=cfg)  # [N, T, D], [N, projection_dim]
 
 Parameter tree (`CLIP(cfg).init(...)["params"]`), with logical axis names:
   logit_scale                                        []
@@ -55,6 +61,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -164,11 +171,18 @@ class CLIPConfig:
 
         Fields missing from the `text_config` / `vision_config` sub-dicts (config.json files
         written with only non-default values) take Hugging Face's defaults, which are the
-        ViT-B/32 sizes.
+        ViT-B/32 sizes. A text tower's own config (`CLIPTextConfig`, model_type
+        "clip_text_model", as `CLIPTextModelWithProjection` saves it: the text fields and
+        projection_dim at the top level) gives that text tower and projection_dim; its vision
+        tower is then the default one, which nothing reads.
         """
         d = config_dict if isinstance(config_dict, Mapping) else config_dict.to_dict()
         if "text_config" not in d and "vision_config" not in d:
-            raise ValueError("CLIPConfig.from_hf: expected a CLIPModel config with text_config / vision_config")
+            if d.get("model_type", "clip_text_model") != "clip_text_model" or "hidden_size" not in d:
+                raise ValueError("CLIPConfig.from_hf: expected a CLIPModel config with text_config / vision_config "
+                                 "or a CLIPTextConfig (model_type clip_text_model), got keys "
+                                 f"{sorted(d)[:12]}")
+            d = {"text_config": d, "projection_dim": d.get("projection_dim", 512)}  # HF's default projection_dim
 
         def sub(klass, sd):
             sd = dict(sd or {})
@@ -313,14 +327,27 @@ def eos_positions(ids: jax.Array, eos_token_id: int) -> jax.Array:
     return jnp.argmax(ids == eos_token_id, axis=-1)  # the first occurrence
 
 
+def _hidden_index(hidden_layer: int, num_layers: int) -> int:
+    """Hugging Face's `hidden_states[hidden_layer]` (0: the embeddings, i: layer i's output) as 0..num_layers."""
+    if not -(num_layers + 1) <= hidden_layer <= num_layers:
+        raise ValueError(f"CLIP text tower: hidden_layer {hidden_layer} is outside the {num_layers + 1} hidden "
+                         f"states (embeddings and {num_layers} layers; -{num_layers + 1}..{num_layers})")
+    return hidden_layer % (num_layers + 1)
+
+
 class CLIPTextTower(nn.Module):
-    """Ids int [N, T], mask bool [N, T] (True = real token) -> end-of-text features [N, D] (before projection)."""
+    """Ids int [N, T], mask bool [N, T] (True = real token) -> end-of-text features [N, D] (before projection).
+
+    With `hidden_layer` (an index into Hugging Face's `hidden_states`: 0 the embeddings, i the
+    output of layer i, -1 the last layer's, before the final layer norm) it returns
+    (those hidden states [N, T, D], the end-of-text features [N, D]).
+    """
 
     config: CLIPTextConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, ids, mask=None):
+    def __call__(self, ids, mask=None, hidden_layer: int | None = None):
         c, dt = self.config, self.dtype
         if ids.ndim != 2:
             raise ValueError(f"CLIP text tower expects ids of shape [batch, length], got {ids.shape}")
@@ -337,10 +364,15 @@ class CLIPTextTower(nn.Module):
             if mask.shape != ids.shape:
                 raise ValueError(f"CLIP text tower: mask shape {mask.shape} differs from ids shape {ids.shape}")
             attn_mask = attn_mask & jnp.asarray(mask, bool)[:, None, None, :]  # padding keys are never attended
+        keep = None if hidden_layer is None else _hidden_index(hidden_layer, c.num_hidden_layers)
+        hidden = x
         for i in range(c.num_hidden_layers):
             x = _Block(c, dt, name=f"layers_{i}")(x, attn_mask)
+            if keep == i + 1:
+                hidden = x
         x = _layer_norm(c.layer_norm_eps, dt, "final_layer_norm")(x)
-        return x[jnp.arange(n), eos_positions(ids, c.eos_token_id)]
+        pooled = x[jnp.arange(n), eos_positions(ids, c.eos_token_id)]
+        return pooled if keep is None else (hidden, pooled)
 
 
 class CLIP(nn.Module):
@@ -371,6 +403,27 @@ class CLIP(nn.Module):
         return self.encode_image(pixel_values), self.encode_text(ids, mask)
 
 
+class CLIPTextWithProjection(nn.Module):
+    """The text tower and its projection alone (Hugging Face's `CLIPTextModelWithProjection`), with
+    the same parameter names as in `CLIP` ("text_model", "text_projection"): so either a `CLIP`
+    params tree or a text-only one applies. Ids [N, T], mask [N, T] or None ->
+    (hidden_states[hidden_layer] float32 [N, T, D], text_embeds float32 [N, projection_dim])."""
+
+    config: CLIPConfig
+    hidden_layer: int = -2
+
+    def setup(self):
+        cfg = self.config
+        dt = _dtype(cfg.dtype)
+        self.text_model = CLIPTextTower(cfg.text, dt)
+        self.text_projection = _Linear((cfg.text.hidden_size,), (cfg.projection_dim,), ("embed", None),
+                                       use_bias=False, dtype=dt)
+
+    def __call__(self, ids, mask=None):
+        hidden, pooled = self.text_model(ids, mask, self.hidden_layer)
+        return hidden.astype(jnp.float32), self.text_projection(pooled).astype(jnp.float32)
+
+
 def init(config: Any, rng: jax.Array | None = None) -> dict:
     """Randomly initialised params (the unboxed "params" tree) for a config or preset name."""
     cfg = CLIPConfig.coerce(config)
@@ -383,6 +436,11 @@ def init(config: Any, rng: jax.Array | None = None) -> dict:
 def param_shapes(config: Any) -> dict:
     """The params tree as jax.ShapeDtypeStruct leaves, without allocating (jax.eval_shape of init)."""
     return jax.eval_shape(lambda: init(config))
+
+
+def _text_param_shapes(cfg: CLIPConfig) -> dict:
+    """The text-only params tree ("text_model", "text_projection") as jax.ShapeDtypeStruct leaves."""
+    return {k: v for k, v in param_shapes(cfg).items() if k in _TEXT_PARTS}
 
 
 def num_params(config: Any) -> int:
@@ -432,21 +490,37 @@ def embed_texts(params, ids, mask=None, *, config: Any) -> jax.Array:
     return _jitted(cfg, "encode_text")(_params(params), ids, mask)
 
 
-def load_tokenizer(path, max_length: int = 77):
-    """CLIP's BPE tokenizer from a Hugging Face checkpoint directory (vocab.json, merges.txt):
-    a function texts -> (ids int32 [N, max_length], mask bool [N, max_length]), truncated and padded."""
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError("the CLIP tokenizer needs transformers (pip install transformers)") from e
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(path))
+@functools.lru_cache(maxsize=8)
+def _jitted_text(cfg: CLIPConfig, hidden_layer: int):
+    model = CLIPTextWithProjection(cfg, hidden_layer)
+    return jax.jit(lambda params, ids, mask: model.apply({"params": params}, ids, mask))
 
-    def tokenize(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        out = tokenizer(list(texts), padding="max_length", max_length=max_length, truncation=True,
-                        return_tensors="np")
-        return out["input_ids"].astype(np.int32), out["attention_mask"].astype(bool)
 
-    return tokenize
+def text_hidden_and_embeds(params, ids, mask=None, *, config: Any,
+                           hidden_layer: int = -2) -> tuple[jax.Array, jax.Array]:
+    """Hugging Face `CLIPTextModelWithProjection(ids, attention_mask=mask, output_hidden_states=True)`'s
+    (hidden_states[hidden_layer], text_embeds), both float32.
+
+    params: a `CLIP` params tree or a text-only one (`load_text_hf`: "text_model",
+    "text_projection"). ids: int [N, T] (T <= max_position_embeddings); mask: bool/int [N, T]
+    (True = real token) or None for causal attention alone, as aMUSEd calls its text encoder (ids
+    padded to the full length, no mask). hidden_layer indexes the hidden states as Hugging Face's
+    `output_hidden_states` does: 0 is the embeddings, i the output of layer i, -1 the last layer's
+    (before the final layer norm) and -2, the default, the penultimate (aMUSEd's cross-attention
+    states). Returns ([N, T, D], text_embeds [N, projection_dim]: the projection of the final
+    layer-normed state at the end-of-text token). Traceable: may be called inside a jitted
+    function (config and hidden_layer are static).
+    """
+    cfg = CLIPConfig.coerce(config)
+    _hidden_index(hidden_layer, cfg.text.num_hidden_layers)  # a clear error before tracing
+    params = _params(params)
+    if not all(k in params for k in _TEXT_PARTS):
+        raise ValueError(f"text_hidden_and_embeds: params need {list(_TEXT_PARTS)} (a CLIP or load_text_hf tree), "
+                         f"got {sorted(params)}")
+    text_params = {k: params[k] for k in _TEXT_PARTS}
+    ids = jnp.asarray(ids, jnp.int32)
+    mask = None if mask is None else jnp.asarray(mask).astype(bool)
+    return _jitted_text(cfg, int(hidden_layer))(text_params, ids, mask)
 
 
 def clip_score(image_emb, text_emb) -> jax.Array:
@@ -509,6 +583,10 @@ def preprocess_images(images, image_size: int = 224) -> np.ndarray:
 
 # Buffers some checkpoints carry (older transformers saved them); not parameters, and skipped.
 _BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
+# The top-level parameters of the text tower with its projection (`CLIPTextModelWithProjection`).
+_TEXT_PARTS = ("text_model", "text_projection")
+# What a full `CLIPModel` checkpoint holds besides them: ignored when only the text side is loaded.
+_NOT_TEXT_PREFIXES = ("vision_model.", "visual_projection.", "logit_scale")
 
 
 def _mapping(cfg: CLIPConfig) -> list[tuple[tuple[str, ...], str, Any]]:
@@ -563,30 +641,14 @@ def _mapping(cfg: CLIPConfig) -> list[tuple[tuple[str, ...], str, Any]]:
     return m
 
 
-def load_hf(path_or_state_dict, config: Any = None, dtype: Any = jnp.float32) -> dict:
-    """Converts a Hugging Face `CLIPModel` checkpoint into `CLIP` params (the "params" tree).
-
-    path_or_state_dict: a directory with config.json and model.safetensors (or sharded
-    *.safetensors, or pytorch_model*.bin), a single such file, or a mapping name -> torch
-    tensor / numpy array (then `config` is required). config: a `CLIPConfig`, preset name or
-    HF config dict; by default the directory's config.json. Every expected weight must be present
-    with the expected shape and no other weight may remain (the position_ids buffers excepted),
-    else ValueError listing the differences. See `_mapping` for the name correspondence.
-    """
-    state, hf_config = t5.read_checkpoint(path_or_state_dict)
-    if config is None:
-        if hf_config is None:
-            raise ValueError("clip.load_hf: pass config (CLIPConfig, preset or HF config dict); no config.json found")
-        config = hf_config
-    cfg = CLIPConfig.coerce(config)
-    expected = {tuple(getattr(k, "key", k) for k in path): s.shape
-                for path, s in jax.tree_util.tree_leaves_with_path(param_shapes(cfg))}
-    mapping = _mapping(cfg)
+def _convert(state: Mapping[str, Any], mapping, expected: dict, dtype: Any, who: str,
+             ignored_prefixes: tuple[str, ...] = ()) -> dict:
+    """Params tree from a state dict through `mapping` (entries of `_mapping`); ValueError listing
+    every missing, unexpected (other than `_BUFFERS` and `ignored_prefixes`) or misshapen weight."""
     assert {fp for fp, _, _ in mapping} == set(expected), "mapping and module disagree"
-
     names = {hf for _, hf, _ in mapping}
     missing = sorted(names - set(state))
-    unexpected = sorted(set(state) - names - set(_BUFFERS))
+    unexpected = sorted(k for k in set(state) - names - set(_BUFFERS) if not k.startswith(ignored_prefixes))
     problems = []
     if missing:
         problems.append(f"missing {missing}")
@@ -609,5 +671,66 @@ def load_hf(path_or_state_dict, config: Any = None, dtype: Any = jnp.float32) ->
             node = node.setdefault(key, {})
         node[fp[-1]] = jnp.asarray(a, dtype)
     if problems:
-        raise ValueError("clip.load_hf: checkpoint does not match the config: " + "; ".join(problems))
+        raise ValueError(f"{who}: checkpoint does not match the config: " + "; ".join(problems))
     return params
+
+
+def _leaf_shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+    return {tuple(getattr(k, "key", k) for k in path): s.shape for path, s in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def load_hf(path_or_state_dict, config: Any = None, dtype: Any = jnp.float32) -> dict:
+    """Converts a Hugging Face `CLIPModel` checkpoint into `CLIP` params (the "params" tree).
+
+    path_or_state_dict: a directory with config.json and model.safetensors (or sharded
+    *.safetensors, or pytorch_model*.bin), a single such file, or a mapping name -> torch
+    tensor / numpy array (then `config` is required). config: a `CLIPConfig`, preset name or
+    HF config dict; by default the directory's config.json. Every expected weight must be present
+    with the expected shape and no other weight may remain (the position_ids buffers excepted),
+    else ValueError listing the differences. See `_mapping` for the name correspondence.
+    """
+    state, hf_config = t5.read_checkpoint(path_or_state_dict)
+    if config is None:
+        if hf_config is None:
+            raise ValueError("clip.load_hf: pass config (CLIPConfig, preset or HF config dict); no config.json found")
+        config = hf_config
+    cfg = CLIPConfig.coerce(config)
+    return _convert(state, _mapping(cfg), _leaf_shapes(param_shapes(cfg)), dtype, "clip.load_hf")
+
+
+def load_text_hf(path_or_state_dict, config: Any = None, dtype: Any = jnp.float32) -> tuple[CLIPConfig, dict]:
+    """A Hugging Face `CLIPTextModelWithProjection` checkpoint -> (config, text-only params).
+
+    path_or_state_dict: a folder with config.json (a `CLIPTextConfig`: the text fields and
+    projection_dim at the top level) and model.safetensors (weights text_model.* and
+    text_projection.weight), such as aMUSEd's text_encoder/ folder; a single weights file or a
+    mapping name -> tensor / array (then `config` is required). A full `CLIPModel` checkpoint also
+    loads: its vision weights are skipped. The config is a `CLIPConfig` (`CLIPConfig.from_hf`)
+    whose text tower and projection_dim are the checkpoint's (its vision tower is unused); the
+    params hold "text_model" and "text_projection" only, for `text_hidden_and_embeds` (or
+    `embed_texts`). FileNotFoundError names a missing folder or file; ValueError lists missing,
+    unexpected or misshapen weights.
+    """
+    who = "clip.load_text_hf"
+    if not isinstance(path_or_state_dict, Mapping):
+        path = pathlib.Path(path_or_state_dict)
+        if not path.exists():
+            raise FileNotFoundError(f"{who}: no such CLIP text encoder checkpoint {path}")
+        if path.is_dir() and config is None and not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{who}: {path} has no config.json (a CLIPTextModelWithProjection folder "
+                                    "holds config.json and model.safetensors)")
+    try:
+        state, hf_config = t5.read_checkpoint(path_or_state_dict)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{who}: {e} (a CLIPTextModelWithProjection folder holds config.json and "
+                                "model.safetensors)") from None
+    if config is None:
+        if hf_config is None:
+            raise ValueError(f"{who}: pass config (CLIPConfig or HF config dict); no config.json found")
+        config = hf_config
+    cfg = CLIPConfig.coerce(config)
+    mapping = [m for m in _mapping(cfg) if m[0][0] in _TEXT_PARTS]
+    where = "" if isinstance(path_or_state_dict, Mapping) else f" ({path_or_state_dict})"
+    params = _convert(state, mapping, _leaf_shapes(_text_param_shapes(cfg)), dtype, who + where,
+                      ignored_prefixes=_NOT_TEXT_PREFIXES)
+    return cfg, params
