@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     # the standard library's re lacks. 2026.12.2 is the version already installed here beside the
     # test extra's transformers (needs regex>=2025.10.22) and diffusers (regex!=2019.12.17).
     "regex==2026.12.2",
+    # Public checkpoints (aMUSEd's UVit2D, CLIP, VQGAN; T5) are read from safetensors files without torch.
+    "safetensors==0.8.0",
     # clu: only clu.metrics and clu.parameter_overview are used; clu.metric_writers and
     # clu.periodic_actions import TensorFlow, which is not a dependency.
     "clu==0.0.12",
@@ -61,13 +63,15 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "transformers==5.23.0",  # T5EncoderModel for the T5 parity test.
         "diffusers==0.42.1",  # VQModel for the VQGAN parity test.
-        "safetensors==0.8.0",
         "webdataset==1.0.2",  # writes test shards, so a different writer checks muse_jax/data/webdataset.py's reader
     ],
     # gs:// workdirs (launch/tpu_pod.sh): etils.epath reads/writes gs:// through fsspec's gcsfs,
     # which also brings google-cloud-storage (used by orbax and tensorboardX for gs://).
     # 2026.10.1 needs fsspec>=2026.9.0, the fsspec this stack installs.
     "gcs": ["gcsfs==2026.10.1"],
+    # `muse-jax import-amused amused/amused-256` fetches a hub id where there is network (a local folder
+    # needs nothing); 2.4.0 is the version transformers 5.23 and diffusers 0.42.1 resolve with.
+    "hub": ["huggingface_hub==2.4.0"],
 }
 
 setup(

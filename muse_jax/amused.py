@@ -61,6 +61,13 @@ def is_amused(workdir) -> bool:
     return p.is_file() and json.loads(p.read_text()).get("family") == FAMILY
 
 
+def refuse_training(workdir) -> None:
+    """Training commands refuse an imported aMUSEd workdir before they write anything into it."""
+    if is_amused(workdir):
+        raise ValueError(f"{workdir} holds an imported aMUSEd pipeline; training and tokenizer training do not run "
+                         f"on it (sample, edit and eval do)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Import.
 
@@ -78,8 +85,8 @@ def resolve_source(src) -> pathlib.Path:
     try:
         import huggingface_hub
     except ImportError:
-        raise FileNotFoundError(f"{src} is not a local folder, and huggingface_hub is not installed to fetch it: "
-                                f"{hint}") from None
+        raise FileNotFoundError(f"{src} is not a local folder, and huggingface_hub is not installed to fetch it "
+                                f"(pip install 'muse_jax[hub]'): {hint}") from None
     try:
         return pathlib.Path(huggingface_hub.snapshot_download(src))
     except Exception as e:  # offline, unknown id, no access: one clear line
@@ -128,18 +135,23 @@ def read_pipeline(src) -> dict[str, Any]:
     largest = max(max(tokenizer.vocab.values()), *tokenizer.special_ids.values())
     if largest >= ccfg.text.vocab_size:
         raise ValueError(f"the tokenizer's ids reach {largest}, the text encoder embeds {ccfg.text.vocab_size} tokens")
+    if tokenizer.max_length > ccfg.text.max_position_embeddings:
+        raise ValueError(f"the tokenizer makes {tokenizer.max_length} tokens, the text encoder has "
+                         f"{ccfg.text.max_position_embeddings} positions")
     factor = 2 ** (len(vq_config.channels) - 1)
     resolution = ucfg.sample_size * factor
     return dict(root=root, uvit_config=ucfg, uvit_params=uparams, clip_config=ccfg, clip_params=cparams,
                 mask_token_id=mask_id, schedule=str(sched.get("masking_schedule", "cosine")),
                 resolution=resolution, grid_size=int(ucfg.sample_size), tokenizer_dir=tok_dir,
+                max_length=int(tokenizer.max_length),
                 clip_config_dict=_read_json(root / "text_encoder" / "config.json"))
 
 
 def import_pipeline(workdir, src) -> dict[str, Any]:
     """Writes the aMUSEd pipeline `src` as workdir W (module doc). Refuses a W that holds anything."""
     w = workdir_lib.path(workdir)
-    if w.exists() and any(w.iterdir()):
+    existed = w.exists()
+    if existed and (not w.is_dir() or any(w.iterdir())):
         raise ValueError(f"{w} is not empty; import into a new workdir")
     p = read_pipeline(src)
     res, grid = p["resolution"], p["grid_size"]
@@ -149,7 +161,7 @@ def import_pipeline(workdir, src) -> dict[str, Any]:
         "base": {"grid_size": grid, "codebook_size": p["uvit_config"].codebook_size, "tokenizer": ""},
         "mask_token_id": p["mask_token_id"], "image_size": res,
         "micro_conditioning": [res, res, 0, 0, 6],
-        "text": {"kind": "clip", "max_length": 77, "hidden_layer": -2},
+        "text": {"kind": "clip", "max_length": p["max_length"], "hidden_layer": -2},
     }
     config = {"family": FAMILY, "sample": sample, "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
               "image_size": res, "imported_from": str(p["root"])}
@@ -164,10 +176,16 @@ def import_pipeline(workdir, src) -> dict[str, Any]:
         (clip_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
         for f in p["tokenizer_dir"].iterdir():  # vocab.json, merges.txt, tokenizer.json, tokenizer_config.json ...
             if f.is_file():
-                shutil.copyfile(f, clip_dir / "tokenizer" / f.name)
+                (clip_dir / "tokenizer" / f.name).write_bytes(f.read_bytes())
         (w / workdir_lib.CONFIG_FILE).write_text(_dump(config))  # last: W is an aMUSEd workdir from here on
-    except BaseException:
-        shutil.rmtree(w, ignore_errors=True)  # it was empty before
+    except BaseException:  # leave W as it was: absent, or an empty folder
+        for child in w.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink()
+        if not existed:
+            w.rmdir()
         raise
     return dict(workdir=str(w), resolution=res, grid_size=grid, uvit_params=uvit.num_params(p["uvit_config"]),
                 text_params=int(sum(np.size(x) for x in jax.tree_util.tree_leaves(p["clip_params"]))))

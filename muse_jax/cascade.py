@@ -165,8 +165,15 @@ class Stage:
         and the micro-conditions."""
         from muse_jax.models import clip
 
+        tokenizer = loaded.tokenizer
+
         def prepare_text(prompts):
-            ids, _ = loaded.tokenizer(list(prompts))
+            distinct = sorted(set(prompts))
+            cut = [p for p, n in zip(distinct, tokenizer.num_tokens(distinct)) if n > tokenizer.max_length]
+            if cut:
+                warnings.warn(f"{len(cut)} of {len(distinct)} distinct prompts are longer than {tokenizer.max_length} "
+                              f"CLIP tokens and were cut (e.g. {cut[0][:60]!r})", UserWarning, stacklevel=2)
+            ids, _ = tokenizer(list(prompts))
             return {"ids": ids}
 
         def embed(params, t):

@@ -42,7 +42,12 @@ def _eval(args, overrides):
             sweep_temperature=floats(args.sweep_temperature), save_images=args.save_images,
         )
         return
+    from muse_jax import amused
     from muse_jax.evaluation import run as eval_run
+
+    if amused.is_amused(args.workdir):
+        raise ValueError(f"{args.workdir} holds an imported aMUSEd pipeline, scored on a caption set: give --prompts "
+                         "and --num (the shapes evaluation is for workdirs trained on shapes)")
 
     eval_run.run(
         args.workdir, args.out, num_prompts=args.num_prompts, seed=args.seed, steps=args.steps,

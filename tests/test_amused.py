@@ -27,14 +27,24 @@ PROMPTS = ["a red circle", "two green crosses on the left"]
 SEED, STEPS, GUIDANCE = 3, 12, 10.0
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("amused")
-    ref = fixture.write_pipeline(root / "src")
+def _imported(root, downsample):
+    ref = fixture.write_pipeline(root / "src", downsample=downsample)
     assert cli.main(["import-amused", "--workdir", str(root / "W"), str(root / "src")]) == 0
     # float32 matmuls: the default rounds multiplies to bfloat16 where the CPU has AMX (muse_jax.precision)
     pipe = cascade.Pipeline.from_workdir(root / "W", batch_size=len(PROMPTS), matmul_precision="highest")
     return root, ref, pipe
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """amused-256's layout: the U-ViT at the token grid's resolution."""
+    return _imported(tmp_path_factory.mktemp("amused256"), downsample=False)
+
+
+@pytest.fixture(scope="module")
+def env512(tmp_path_factory):
+    """amused-512's layout: stride-2 down and up blocks around the transformer."""
+    return _imported(tmp_path_factory.mktemp("amused512"), downsample=True)
 
 
 def _chunk_key(seed=SEED):
@@ -112,8 +122,9 @@ def test_import_writes_an_amused_workdir(env):
     assert pipe.base.micro_conditioning == (16.0, 16.0, 0.0, 0.0, 6.0)
 
 
-def test_generation_equals_amused_pipeline_at_every_step(env):
-    root, ref, pipe = env
+@pytest.mark.parametrize("layout", ["256", "512"])
+def test_generation_equals_amused_pipeline_at_every_step(layout, request):
+    root, ref, pipe = request.getfixturevalue("env" if layout == "256" else "env512")
     grid = pipe.base.grid_size
     key = _chunk_key()
     expected, images = _run_reference(diffusers.AmusedPipeline, ref, key, grid)
@@ -161,6 +172,14 @@ def test_inpainting_equals_amused_inpaint_in_the_mask(env):
     inside = masks > 0
     assert np.abs(ours.astype(np.int32) - images)[inside].max() <= 1
     np.testing.assert_array_equal(ours[~inside], src[~inside])  # pixels outside the mask are kept
+
+
+def test_an_over_long_prompt_is_cut_with_a_warning(env):
+    _, _, pipe = env
+    long = " ".join(["red circle"] * 60)
+    with pytest.warns(UserWarning, match="1 of 2 distinct prompts are longer than 77 CLIP tokens"):
+        text = pipe.base.prepare_text([long, "a cat", long])
+    assert text["ids"].shape == (3, 77)
 
 
 def test_sample_edit_and_eval_commands_run_on_the_workdir(env, tmp_path, capsys):
@@ -213,6 +232,53 @@ def test_refused_imports_name_the_cause_and_write_nothing(env, tmp_path, capsys)
     assert "not empty" in capsys.readouterr().err
     assert sorted(p.name for p in (root / "W").rglob("*")) == before
 
+    for command in (["train", "--config", "shapes", "--stage", "base"], ["train-tokenizer", "--config", "shapes"],
+                    ["eval", "--out", str(tmp_path / "eval")]):  # refused before anything is written
+        assert cli.main([command[0], "--workdir", str(root / "W"), *command[1:]]) == 2
+        assert "aMUSEd" in capsys.readouterr().err
+        assert sorted(p.name for p in (root / "W").rglob("*")) == before
+
     assert cli.main(["import-amused", "--workdir", str(tmp_path / "W3"), "amused/not-here"]) == 2
     err = capsys.readouterr().err
     assert "amused/not-here" in err and "--local-dir" in err and not (tmp_path / "W3").exists()
+
+
+SHARDED = """
+import sys
+sys.path.insert(0, "tests")
+import numpy as np
+from muse_jax import cascade
+from muse_jax.training import partitioning
+out = {{}}
+for name, axes in (("fsdp", dict(data=1, fsdp=8, tensor=1)), ("tp", dict(data=4, fsdp=1, tensor=2))):
+    pipe = cascade.Pipeline.from_workdir({w!r}, mesh=partitioning.make_mesh(axes), batch_size=8,
+                                         matmul_precision="highest")
+    leaves = [x for tree in pipe.base.params.values() for x in __import__("jax").tree_util.tree_leaves(tree)]
+    out[name + "_split"] = sum(not x.sharding.is_fully_replicated for x in leaves)
+    out[name] = pipe.generate_tokens({prompts!r}, seed=5)[0]
+    out[name + "_inpaint"] = pipe.encode_images(pipe.inpaint(np.load({images!r}), np.load({masks!r}), {prompts!r}))
+np.savez({out!r}, **out)
+"""
+
+
+def test_sharded_sampling_equals_one_device(env, tmp_path):
+    """Parameters split over 8 CPU devices (FSDP, and data x tensor parallel) sample as one device does."""
+    from _multidevice import run_with_devices
+
+    root, _, _ = env
+    pipe = cascade.Pipeline.from_workdir(root / "W", batch_size=8, matmul_precision="highest")
+    prompts = PROMPTS * 4
+    images = np.stack([fixture.image(pipe.image_size, s) for s in range(len(prompts))])
+    masks = np.zeros(images.shape[:3], np.uint8)
+    masks[:, :8] = 255
+    np.save(tmp_path / "images.npy", images)
+    np.save(tmp_path / "masks.npy", masks)
+    run_with_devices(SHARDED.format(w=str(root / "W"), prompts=prompts, images=str(tmp_path / "images.npy"),
+                                    masks=str(tmp_path / "masks.npy"), out=str(tmp_path / "out.npz")))
+    got = np.load(tmp_path / "out.npz")
+    one = pipe.generate_tokens(prompts, seed=5)[0]
+    one_inpaint = pipe.encode_images(pipe.inpaint(images, masks, prompts))
+    for name in ("fsdp", "tp"):
+        assert got[name + "_split"] > 10  # the parameters are split over the devices, not replicated
+        np.testing.assert_array_equal(got[name], one, err_msg=name)
+        np.testing.assert_array_equal(got[name + "_inpaint"], one_inpaint, err_msg=name)

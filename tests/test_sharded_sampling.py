@@ -104,7 +104,9 @@ def _corrupt_optimizer_state(w, stage, abstract):
 def sample(w, sharded: bool) -> dict:
     """Loads W (on one device, or sharded over an fsdp mesh of all devices): generations and inpaintings."""
     mesh = partitioning.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}) if sharded else None
-    pipe = cascade.Pipeline.from_workdir(w, mesh=mesh)
+    # float32 multiplies: on CPUs where the default rounds them to bfloat16 (AMX, muse_jax.precision), sums
+    # over other shardings differ by far more than float32 rounding
+    pipe = cascade.Pipeline.from_workdir(w, mesh=mesh, matmul_precision="highest")
     prompts = [p for p in PROMPTS for _ in range(2)]
     base, sr = pipe.generate_tokens(prompts, seed=3)
     out = {"base": base, "sr": sr, "images": pipe.decode_tokens(sr)}

@@ -200,6 +200,10 @@ def get_config(arg=None):
     s.edit_fraction = 0.08  # mask-free editing: least confident share re-sampled per iteration
     s.edit_choice_temperature = 1.0  # mask-free editing: Gumbel noise on confidences, annealed
     s.matmul_precision = "default"  # as config.train.matmul_precision, for the sampling programs
+    s.scheduler = "muse"  # the decode loop's scheduler (sampling.SCHEDULERS; "amused": aMUSEd's)
+    s.strength = 0.0  # > 0: `edit` without a mask is image-to-image at this strength (scheduler "amused")
+    s.inpaint_schedule = ""  # the mask schedule of inpainting ("": `schedule`)
+    s.micro_conditioning = ()  # aMUSEd's micro-conditions (width, height, crop top, crop left, aesthetic)
 
     # The quickstart's evaluation (muse_jax/quickstart.py -> `muse-jax eval`).
     q = config.quickstart = ml_collections.ConfigDict()

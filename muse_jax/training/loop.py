@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from muse_jax import amused, distributed, image_ops, precision
 from muse_jax import config as config_lib
-from muse_jax import distributed, image_ops, precision
 from muse_jax import workdir as workdir_lib
 from muse_jax.data import image_text, shapes, sources, stage_data, token_cache, token_shards
 from muse_jax.data import loader as loader_lib
@@ -366,6 +366,7 @@ def train_stage(
 def train(config, workdir, stages=config_lib.STAGES, quiet: bool = False) -> list[dict]:
     """Trains the given stages in order (each resumes if it has checkpoints); a stage stopped by SIGTERM
     ends the run there (the summaries of the stages run so far are returned)."""
+    amused.refuse_training(workdir)
     out = []
     for stage in stages:
         r = train_stage(config, workdir, stage, quiet=quiet)

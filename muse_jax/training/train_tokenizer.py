@@ -15,8 +15,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from muse_jax import amused, image_ops
 from muse_jax import config as config_lib
-from muse_jax import image_ops
 from muse_jax import workdir as workdir_lib
 from muse_jax.data import image_text, shapes, sources
 from muse_jax.data import loader as loader_lib
@@ -134,6 +134,7 @@ def train(config, workdir, *, name: str = "", num_steps: int | None = None, quie
     """Trains (or resumes) the tokenizer in W/tokenizer (or W/tokenizer/<name>, with the sections of
     `config.tokenizers.<name>`); returns the final test evaluation."""
     workdir = workdir_lib.path(workdir)
+    amused.refuse_training(workdir)
     config = config_lib.tokenizer_config(config, name)
     tok_dir = workdir_lib.tokenizer_dir(workdir, name)
     tok_dir.mkdir(parents=True, exist_ok=True)
