@@ -15,8 +15,9 @@ sides run the same weights. Timed per batch, after one untimed call (ours: compi
   diffusers `AmusedPipeline(prompts, num_inference_steps=12, guidance_scale=10, output_type="np")`,
             eager PyTorch under no_grad, in --torch-dtype (float32 on a CPU).
 Reported: seconds per batch (median), images/s, and our images/s over diffusers' at the same batch.
-With --memory-only nothing runs: XLA's memory analysis of our compiled sampling program for the
-batch (arguments = parameters and inputs, temporaries, outputs) on this backend.
+--memory adds, and --memory-only (nothing runs) gives, XLA's memory analysis of our compiled
+sampling program for the batch (arguments = parameters and inputs, temporaries, outputs) on this
+backend.
 """
 from __future__ import annotations
 
@@ -109,6 +110,7 @@ def main(argv=None):
     p.add_argument("--torch-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--no-diffusers", action="store_true", help="time ours only")
     p.add_argument("--memory-only", action="store_true", help="XLA's memory analysis of our sampler; nothing runs")
+    p.add_argument("--memory", action="store_true", help="also XLA's memory analysis, after the timings")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")]
@@ -145,6 +147,9 @@ def main(argv=None):
                 r.update(size=args.size, batch=b, device=str(jax.devices()[0].platform if r["impl"] == "muse_jax"
                                                             else device), steps=12)
         common.emit(rows, args.json, None if args.json else COLUMNS)
+        if args.memory:
+            rows = [dict(size=args.size, **memory(tmp / "W", b)) for b in batches]
+            common.emit(rows, args.json, None if args.json else MEMORY_COLUMNS)
 
 
 if __name__ == "__main__":

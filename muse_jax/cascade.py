@@ -12,6 +12,10 @@ batch is cut into chunks of `batch_size` (the last one padded), each sharded ove
 batch axes, so one shape is compiled however many images are asked for. Sample i of chunk c
 uses `fold_in(key(seed), c)`: the same seed and batch size give the same images.
 
+An imported aMUSEd workdir (`muse_jax.amused`) loads as one stage whose CLIP text encoder runs
+inside the program, sampled with aMUSEd's scheduler (`SampleOptions.scheduler="amused"`); `edit`
+without a mask is then image-to-image at `strength`.
+
 With a mesh, each stage's parameters (the EMA ones where kept) are restored from its checkpoint
 straight into the shardings their logical axis names get from the rules (FSDP, tensor
 parallelism: no device holds more than its share), never reading the optimizer state, and the

@@ -72,8 +72,7 @@ def _train_tokenizer(args, overrides):
     from muse_jax import distributed
 
     distributed.initialize(cfg)  # multi-host, as for `train` (no-op for one process)
-    names = sorted(cfg.get("tokenizers", {}) or {}) if args.tokenizer == "all" else [args.tokenizer]
-    for name in names or [""]:
+    for name in tokenizers_to_train(cfg, args.tokenizer):
         result = train_tokenizer.train(cfg, args.workdir, name=name)
         if result["status"] == "preempted":
             break
@@ -85,6 +84,19 @@ def _train_tokenizer(args, overrides):
             f"usage={result['usage']:.1%} perplexity={result['perplexity']:.1f} "
             f"palette_acc={result['palette_acc']:.4f} ({result['train_seconds']:.0f}s training)"
         )
+
+
+def tokenizers_to_train(cfg, flag: str | None) -> list[str]:
+    """`train-tokenizer --tokenizer FLAG`: a name ("" = the shared W/tokenizer), "all" (every section of
+    config.tokenizers), or None: those the config's stages read (`config.<stage>.tokenizer`)."""
+    from muse_jax import config as config_lib
+    from muse_jax import workdir as workdir_lib
+
+    if flag is None:
+        return sorted({workdir_lib.stage_tokenizer(cfg, s) for s in config_lib.STAGES})
+    if flag == "all":
+        return sorted(cfg.get("tokenizers", {}) or {}) or [""]
+    return [flag]
 
 
 def _import_tokenizer(args, overrides):
@@ -306,9 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-tokenizer", help="train the VQGAN image tokenizer into W/tokenizer")
     p.add_argument("--workdir", required=True)
     p.add_argument("--config", default="shapes", help="config name or path (default: shapes)")
-    p.add_argument("--tokenizer", default="",
-                   help="a tokenizer of config.tokenizers (one per stage) into W/tokenizer/NAME; 'all': each "
-                        "of them; default: the shared tokenizer in W/tokenizer")
+    p.add_argument("--tokenizer", default=None,
+                   help="a tokenizer of config.tokenizers (one per stage) into W/tokenizer/NAME ('' : the shared "
+                        "W/tokenizer); 'all': each of them; default: those the config's stages read")
     p.set_defaults(fn=_train_tokenizer)
 
     p = sub.add_parser("import-tokenizer", help="a diffusers VQModel folder (e.g. aMUSEd's vqvae) as W's tokenizer")

@@ -178,67 +178,45 @@ def decode(
 ):
     """Fixed-step parallel decoding: tokens [B, N] int32 (mask_token_id = unknown) -> [B, N].
 
-    With return_intermediates, also returns the tokens after every step: [S, B, N].
+    With return_intermediates, also returns the tokens after every step: [S, B, N] (with
+    `first_step` = k, the first k rows hold the re-masked start).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
-    if options.scheduler == "amused":
-        return _decode_amused(logits_fn, tokens, rng, mask_token_id, options, return_intermediates)
-    steps = options.num_steps
-    num_unknown = jnp.sum(tokens == mask_token_id, axis=-1)
-    counts = mask_counts(num_unknown, steps, options.mask_schedule)  # [S, B]
+    steps, first = options.num_steps, options.first_step
+    amused = options.scheduler == "amused"
     batch, length = tokens.shape
+    if first:  # image-to-image: every token given, each re-masked with probability gamma(k / S)
+        keep = amused_remask_draw(rng, steps, tokens.shape) >= _amused_ratio(first - 1, steps, options.mask_schedule)
+        tokens = jnp.where(keep, tokens, mask_token_id)
+    num_unknown = jnp.sum(tokens == mask_token_id, axis=-1)
+    if amused:  # counted on the length, times the share unknown at the start (1 for image-to-image)
+        start_ratio = jnp.ones((batch, 1), jnp.float32) if first else num_unknown[:, None].astype(jnp.float32) / length
+        temperatures = jnp.linspace(options.choice_temperature, 0.0, steps, dtype=jnp.float32)
+    else:
+        counts = mask_counts(num_unknown, steps, options.mask_schedule)  # [S, B]
 
     def body(t, state):
         cur, history = state
         logits = logits_fn(cur, t).astype(jnp.float32)
-        step_rng = jax.random.fold_in(rng, t)
-        sample_rng, choice_rng = jax.random.split(step_rng)
+        sample_rng, choice_rng = jax.random.split(jax.random.fold_in(rng, t))
         unknown = cur == mask_token_id
         sampled = sample_categorical(sample_rng, process_logits(logits, options.temperature, options.top_k))
         sampled = jnp.where(unknown, sampled, cur)
         # Confidence: the (guided) model's log-probability of the sample, plus annealed Gumbel noise.
         log_prob = token_log_prob(logits, sampled)
-        ratio = (t + 1.0) / steps
-        noise = gumbel_noise(choice_rng, log_prob.shape)
-        confidence = log_prob + options.choice_temperature * (1.0 - ratio) * noise
-        confidence = jnp.where(unknown, confidence, jnp.inf)
-        # Re-mask exactly counts[t] of the least confident (all among the unknown ones).
-        remask = ranks(confidence) < counts[t][:, None]
-        cur = jnp.where(remask, mask_token_id, sampled)
-        if return_intermediates:
-            history = jax.lax.dynamic_update_slice(history, cur[None], (t, 0, 0))
-        return cur, history
-
-    history = jnp.zeros((steps, batch, length) if return_intermediates else (0,), jnp.int32)
-    out, history = jax.lax.fori_loop(0, steps, body, (tokens, history))
-    return (out, history) if return_intermediates else out
-
-
-def _decode_amused(logits_fn, tokens, rng, mask_token_id, options, return_intermediates):
-    steps, first = options.num_steps, options.first_step
-    batch, length = tokens.shape
-    if first:  # image-to-image: re-mask each given token with probability gamma(k / S)
-        keep = amused_remask_draw(rng, steps, tokens.shape) >= _amused_ratio(first - 1, steps, options.mask_schedule)
-        tokens = jnp.where(keep, tokens, mask_token_id)
-        start_ratio = jnp.ones((batch, 1), jnp.float32)
-    else:
-        start_ratio = jnp.sum(tokens == mask_token_id, axis=-1, keepdims=True).astype(jnp.float32) / length
-    temperatures = jnp.linspace(options.choice_temperature, 0.0, steps, dtype=jnp.float32)
-
-    def body(t, state):
-        cur, history = state
-        logits = process_logits(logits_fn(cur, t), options.temperature, options.top_k)
-        u_sample, u_choice = amused_draws(rng, t, cur.shape)
-        unknown = cur == mask_token_id
-        sampled = jnp.where(unknown, categorical_from_uniform(logits, u_sample), cur)
-        prob = jnp.exp(token_log_prob(logits, sampled))
-        confidence = jnp.log(jnp.maximum(prob, 1e-20)) + temperatures[t] * gumbel_from_uniform(u_choice)
-        confidence = jnp.where(unknown, confidence, jnp.inf)
-        target = jnp.floor(length * (start_ratio * _amused_ratio(t, steps, options.mask_schedule)))
-        count = jnp.maximum(1, jnp.minimum(jnp.sum(unknown, axis=-1, keepdims=True) - 1, target.astype(jnp.int32)))
-        count = jnp.where(t == steps - 1, 0, count)
+        if amused:
+            log_prob = jnp.log(jnp.maximum(jnp.exp(log_prob), 1e-20))
+            noise = temperatures[t] * gumbel_from_uniform(jax.random.uniform(choice_rng, cur.shape))
+            target = jnp.floor(length * (start_ratio * _amused_ratio(t, steps, options.mask_schedule)))
+            count = jnp.maximum(1, jnp.minimum(jnp.sum(unknown, axis=-1, keepdims=True) - 1, target.astype(jnp.int32)))
+            count = jnp.where(t == steps - 1, 0, count)
+        else:
+            noise = options.choice_temperature * (1.0 - (t + 1.0) / steps) * gumbel_noise(choice_rng, cur.shape)
+            count = counts[t][:, None]
+        confidence = jnp.where(unknown, log_prob + noise, jnp.inf)
+        # Re-mask exactly `count` of the least confident (all among the unknown ones).
         cur = jnp.where(ranks(confidence) < count, mask_token_id, sampled)
         if return_intermediates:
             history = jax.lax.dynamic_update_slice(history, cur[None], (t, 0, 0))

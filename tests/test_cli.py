@@ -23,3 +23,13 @@ def test_data_shapes_export(tmp_path):
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert cli.main(["data", "shapes", "--out", str(tmp_path), "--num", "0"]) == 2
     assert "--num must be positive" in capsys.readouterr().err
+
+
+def test_train_tokenizer_defaults_to_the_tokenizers_the_stages_read():
+    from muse_jax import config as config_lib
+
+    smoke, shapes = config_lib.load_config("smoke"), config_lib.load_config("shapes")
+    assert cli.tokenizers_to_train(smoke, None) == ["base", "superres"]  # a tokenizer per stage
+    assert cli.tokenizers_to_train(shapes, None) == [""]  # the shared W/tokenizer
+    assert cli.tokenizers_to_train(smoke, "all") == sorted(smoke.tokenizers)
+    assert cli.tokenizers_to_train(smoke, "") == [""] and cli.tokenizers_to_train(smoke, "base") == ["base"]
