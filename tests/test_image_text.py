@@ -264,6 +264,17 @@ def test_tfds_source_draws_one_caption_of_the_sequence(tfds_dir):
         _examples(_config("tfds", tfds_name="nothing_here", tfds_data_dir=tfds_dir))
 
 
+def test_readme_tfds_override_of_the_smoke_config_finds_the_coco_layout(tfds_dir):
+    """`--config smoke --config.data.source=tfds --config.data.tfds_name=... --config.data.tfds_data_dir=DIR`:
+    image_key / caption_key default to coco_captions' "image" and "captions/text"."""
+    from muse_jax import config as config_lib
+
+    config = config_lib.load_config("smoke", ["--config.data.source=tfds", "--config.data.tfds_name=tiny_image_captions",
+                                              f"--config.data.tfds_data_dir={tfds_dir}", f"--config.data.image_size={S}"])
+    got = _examples(config.data)
+    assert len(got) == 4 and all(ex["skip"] == "" and ex["caption"].startswith("image ") for ex in got)
+
+
 def test_webdataset_source_preprocesses_the_tar_records(tmp_path):
     pytest.importorskip("muse_jax.data.webdataset", reason="muse_jax/data/webdataset.py is not written yet")
     images = _pixels(4)
@@ -395,9 +406,8 @@ def test_config_errors_name_the_field(tmp_path):
     config.caption_key, config.image_key = "text", "text"
     with pytest.raises(ValueError, match=r"config.data.image_key: column 'text' .* is string"):
         image_text.make_dataset(config, "train", process_index=0, process_count=1)
-    config.image_key = ""
-    with pytest.raises(ValueError, match=r"config.data.image_key must be given for source='parquet'"):
-        image_text.make_dataset(config, "train", process_index=0, process_count=1)
+    config.image_key, config.caption_key = "", ""  # the common layout: columns image and text
+    assert len(_examples(config)) == 12
     with pytest.raises(ValueError, match=r"config.data.source: unknown source 'csv'"):
         image_text.make_dataset(_config("folder", source="csv"), "train", process_index=0, process_count=1)
     with pytest.raises(ValueError, match="sources.make_source"):

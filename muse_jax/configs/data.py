@@ -4,7 +4,8 @@
     muse-jax train ... --config.data.train_files='/data/laion/{00000..00099}.parquet'
 
 Read by muse_jax/data/image_text.py (`make_dataset`, `Batches`). Fields the user must give
-default to "" and are refused by make_dataset with a message naming them. File fields take a
+default to "" and are refused by make_dataset with a message naming them; empty image_key /
+caption_key mean the common layout of the source read. File fields take a
 pattern, a list of them, or several separated by whitespace or "::": brace ranges
 (`{00000..00099}`), globs, local paths or gs:// URIs (muse_jax.paths.expand).
 """
@@ -28,10 +29,13 @@ def get_config(source="parquet"):
     d.eval_files = ""  # the same for the eval split (required only when an eval split is read)
     # Parquet columns / tfds features. Parquet images: binary or Hugging Face's {"bytes", "path"} struct.
     # tfds keys may be nested: "captions/text" is the text of each entry of the captions sequence.
-    d.image_key = {"parquet": "image", "tfds": "image"}.get(source, "")
+    # "" = the common layout of whichever source is read (so `--config.data.source=...` alone works):
+    # parquet and tfds: "image".
+    d.image_key = ""
     # The caption column / feature; webdataset: a sample's .txt member, else this field of its .json.
     # When it holds several captions (COCO: 5 per image), one is drawn per example and epoch.
-    d.caption_key = {"parquet": "text", "tfds": "captions/text", "webdataset": "caption"}.get(source, "")
+    # "" = parquet: "text", else "caption"; tfds: "captions/text" (coco_captions); webdataset: "caption".
+    d.caption_key = ""
     d.tfds_name = "coco_captions" if source == "tfds" else ""  # tfds: "name", "name/config" or "name:version"
     d.tfds_data_dir = ""  # tfds: where it is prepared ("" = tfds's default, $TFDS_DATA_DIR or ~/tensorflow_datasets)
     d.tfds_train_split = "train"  # tfds split names; slices such as "train[:90%]" work
@@ -40,8 +44,12 @@ def get_config(source="parquet"):
     # Pixels: the shorter side is resized to image_size (antialiased) and a square cropped from it.
     # image_size is the largest stage's pixel size; smaller stages area-downsample these images.
     d.image_size = 256
-    d.min_size = 0  # skip images whose shorter side is below this (0 = keep all; e.g. image_size // 2)
-    d.max_aspect_ratio = 0.0  # skip images with long / short side above this (0 = keep all; e.g. 2.0)
+    # Skip images whose shorter side is below min_size (0 = keep all). Default: half of image_size
+    # (follows it when image_size is set later): an image upscaled more than 2x trains the model on blur.
+    d.min_size = d.get_ref("image_size") // 2
+    # Skip images with long / short side above this (0 = keep all). Default 3: the centre square of a
+    # 3:1 image still holds a third of it; from wider panoramas it rarely shows what the caption says.
+    d.max_aspect_ratio = 3.0
     d.random_crop = False  # a random square along the long side (seeded per image and epoch), not the centre
 
     # Order: each process reads its own share, shuffled anew every epoch (train repeats forever).

@@ -30,6 +30,7 @@ def get_config(arg=None):
     config.name = "smoke"
     config.data = data.get_config("webdataset")
     config.data.image_size = 128  # the super-res stage's pixels; the base stage area-downsamples to 64
+    # data.get_config's skips hold here too: min_size follows image_size (64 px), max_aspect_ratio 3.
     config.data.shuffle_buffer = 64
 
     config.vqgan.codebook_size = 512

@@ -1,10 +1,15 @@
 """Map-style image-text sources over files: a folder with `captions.jsonl`, and parquet files.
 
-Both serve raw records {"key": str, "image": bytes | None, "caption": str | None, "skip": ""}
-for `preprocess.example` (an unreadable image file gives image None: skipped as corrupt).
+Both serve raw records {"key": str, "image": bytes | None, "caption": str | None, "skip": str}
+for `preprocess.example`; an image file that cannot be read gives skip "missing_image_file".
 
     FolderSource(["data/train"])   # DIR/captions.jsonl lines {"file": "000001.png", "caption": "..."}
     ParquetSource(files, image_key="image", caption_key="text", process_index=0, process_count=1)
+
+Parquet images are a binary column or Hugging Face's Image struct {"bytes", "path"}. When bytes
+is null (`datasets`' `cast_column("image", Image())` of file paths, then `to_parquet`), the image
+is read from the path: relative to the parquet file's folder, or absolute. Empty keys name the
+common layout: image column "image", caption column "text" or else "caption".
 
 Parquet is read one row group at a time, so a global shuffle (one row group read per record)
 would be slow: `BlockShuffle` orders the records row group by row group instead.
@@ -26,6 +31,9 @@ from muse_jax import paths
 
 CAPTIONS_FILE = "captions.jsonl"  # the layout `muse-jax data shapes --out` writes
 WINDOW_BLOCKS = 8  # BlockShuffle mixes the rows of this many row groups at a time
+MISSING_IMAGE_FILE = "missing_image_file"  # the skip kind of an image file that cannot be read
+IMAGE_COLUMN = "image"  # the image column when config.data.image_key is ""
+CAPTION_COLUMNS = ("text", "caption")  # the caption column when config.data.caption_key is "": the first present
 
 
 class FolderSource:
@@ -60,10 +68,10 @@ class FolderSource:
     def __getitem__(self, i: int) -> dict:
         root, name, caption = self.entries[i]
         try:
-            image = (paths.as_path(root) / name).read_bytes()
+            image, skip = (paths.as_path(root) / name).read_bytes(), ""
         except OSError:
-            image = None
-        return {"key": f"{root}/{name}", "image": image, "caption": caption, "skip": ""}
+            image, skip = None, MISSING_IMAGE_FILE
+        return {"key": f"{root}/{name}", "image": image, "caption": caption, "skip": skip}
 
     def __repr__(self) -> str:
         return f"FolderSource({list(self._folders)}, {len(self)} records)"
@@ -94,6 +102,15 @@ def _check_caption_column(schema: pa.Schema, key: str, path: str) -> None:
                          "expected text (or a list of texts)")
 
 
+def _caption_column(schema: pa.Schema, path: str) -> str:
+    """The caption column of the common layouts (CAPTION_COLUMNS), for an empty config.data.caption_key."""
+    for name in CAPTION_COLUMNS:
+        if name in schema.names:
+            return name
+    raise ValueError(f"config.data.caption_key: none of the columns {', '.join(CAPTION_COLUMNS)} in {path}; "
+                     f"name the caption column (its columns: {', '.join(schema.names)})")
+
+
 def _parquet_file(path: str) -> pq.ParquetFile:
     return pq.ParquetFile(paths.as_path(path).open("rb") if paths.is_remote(path) else path)
 
@@ -103,24 +120,27 @@ class ParquetSource:
 
     Record i is row i of this process's row groups, concatenated in file order.
     `block_sizes` (rows per row group) lets `BlockShuffle` read them a few at a time; `field`
-    names the config field of `files` in errors.
+    names the config field of `files` in errors. Empty keys: the common layout (module docstring),
+    looked up in the first file.
     """
 
     def __init__(self, files: list[str], *, image_key: str, caption_key: str, process_index: int, process_count: int,
                  field: str = "config.data.train_files"):
         self.files = list(files)
-        self.image_key, self.caption_key = image_key, caption_key
+        if not caption_key and self.files:
+            caption_key = _caption_column(_parquet_file(self.files[0]).schema_arrow, self.files[0])
+        self.image_key, self.caption_key = image_key or IMAGE_COLUMN, caption_key
         groups = []  # (file index, row group, first row in the file, rows)
         self._image_kind = None
         for f, path in enumerate(self.files):
             meta = _parquet_file(path).metadata
             schema = meta.schema.to_arrow_schema()
-            kind = _image_column(schema, image_key, path)
+            kind = _image_column(schema, self.image_key, path)
             if self._image_kind not in (None, kind):
-                raise ValueError(f"config.data.image_key: column {image_key!r} is {kind} in {path} but "
+                raise ValueError(f"config.data.image_key: column {self.image_key!r} is {kind} in {path} but "
                                  f"{self._image_kind} in {self.files[0]}")
             self._image_kind = kind
-            _check_caption_column(schema, caption_key, path)
+            _check_caption_column(schema, self.caption_key, path)
             first = 0
             for g in range(meta.num_row_groups):
                 rows = meta.row_group(g).num_rows
@@ -166,8 +186,8 @@ class ParquetSource:
                 self._open[f] = _parquet_file(self.files[f])
             table = self._open[f].read_row_group(group, columns=[self.image_key, self.caption_key])
             images = table.column(self.image_key).to_pylist()
-            if self._image_kind == "struct":
-                images = [None if v is None else v.get("bytes") for v in images]
+            if self._image_kind == "struct":  # bytes, else the path of the file (None: neither)
+                images = [None if v is None else v.get("bytes") or v.get("path") or None for v in images]
             rows = (images, table.column(self.caption_key).to_pylist())
             self._cache[g] = rows
             while len(self._cache) > 2 * WINDOW_BLOCKS:
@@ -179,8 +199,21 @@ class ParquetSource:
         row = i - self._starts[g]
         images, captions = self._rows(g)
         f, _, first, _ = self._groups[g]
-        return {"key": f"{os.path.basename(self.files[f])}:{first + row}", "image": images[row],
-                "caption": captions[row], "skip": ""}
+        image, skip = images[row], ""
+        if self._image_kind == "struct" and not isinstance(image, bytes):
+            image, skip = self._read_image_file(f, image)
+        return {"key": f"{os.path.basename(self.files[f])}:{first + row}", "image": image,
+                "caption": captions[row], "skip": skip}
+
+    def _read_image_file(self, f: int, path: str | None) -> tuple[bytes | None, str]:
+        """(bytes, "") of the image file a struct names (relative to file f's folder, or absolute),
+        or (None, MISSING_IMAGE_FILE) without a path or a readable file."""
+        if not path:
+            return None, MISSING_IMAGE_FILE
+        try:
+            return (paths.as_path(self.files[f]).parent / path).read_bytes(), ""
+        except OSError:
+            return None, MISSING_IMAGE_FILE
 
     def __repr__(self) -> str:
         return (f"ParquetSource({len(self.files)} files, {self.image_key!r}, {self.caption_key!r}, "

@@ -11,9 +11,13 @@
                 as `muse-jax data shapes --out` writes them
   "parquet"     train_files / eval_files: parquet files (patterns: paths.expand); columns image_key
                 (binary, or Hugging Face's {"bytes", "path"} struct) and caption_key
+                ("": "image", and "text" or else "caption")
   "tfds"        tfds_name prepared (array_record) under tfds_data_dir; splits tfds_train_split /
-                tfds_eval_split; image_key / caption_key may be nested ("captions/text")
+                tfds_eval_split; image_key / caption_key may be nested ("": "image", "captions/text")
   "webdataset"  train_files / eval_files: tar shards, read by muse_jax.data.webdataset
+                (caption_key: the field of a sample's .json without a .txt; "": "caption")
+An empty image_key / caption_key means the common layout of the source, so that overriding
+`config.data.source` alone on the command line works.
 The shapes dataset (`config.data.name == "shapes"`, whose `source="tfds"` means the built shapes
 dataset) is read by `sources.make_source` instead, and refused here.
 
@@ -45,8 +49,8 @@ SOURCES = ("folder", "parquet", "tfds", "webdataset")
 # Fields each source needs (besides the split's files or tfds split); "" = not given.
 REQUIRED = {
     "folder": (),
-    "parquet": ("image_key", "caption_key"),
-    "tfds": ("tfds_name", "image_key", "caption_key"),
+    "parquet": (),
+    "tfds": ("tfds_name",),
     "webdataset": (),
 }
 # Threads reading and decoding ahead, in this process or in each worker process.
@@ -251,8 +255,10 @@ class Batches:
         self.skipped[kind] = self.skipped.get(kind, 0) + 1
         self._consecutive += 1
         if self._consecutive >= self.max_consecutive_skips:
-            raise RuntimeError(f"the last {self._consecutive} examples were all skipped (totals: {self.skipped}); "
-                               "check config.data.image_key / caption_key and the files")
+            kinds = ", ".join(f"{k}: {n}" for k, n in sorted(self.skipped.items(), key=lambda kv: -kv[1]))
+            raise RuntimeError(f"the last {self._consecutive} examples were all skipped (skipped so far by kind: "
+                               f"{kinds}; see preprocess.SKIP_KINDS); check config.data.image_key / caption_key, "
+                               "min_size / max_aspect_ratio and the files")
 
     def metrics(self) -> dict[str, int]:
         """Skip totals so far, every kind: {"data/skipped/<kind>": count}."""

@@ -1,4 +1,4 @@
-"""Raw image-text records -> training examples: decode, RGB, resize + crop, one caption.
+"""Raw image-text records -> training examples: decode, upright (EXIF), RGB, resize + crop, one caption.
 
     options = preprocess.Options(size=256, min_size=128, max_aspect_ratio=2.0)
     ex = preprocess.example({"key": "a.jpg", "image": jpeg_bytes, "caption": b" a cat ", "skip": ""}, options)
@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import PIL.ImageFile
+import PIL.ImageOps
 
 SKIP_KINDS = (
     "corrupt_image",  # no image, or bytes PIL cannot decode (truncated files included)
+    "missing_image_file",  # reported by the reader: the image file a record names cannot be read
     "small_image",  # shorter side below Options.min_size
     "aspect_ratio",  # long side / short side above Options.max_aspect_ratio
     "missing_caption",  # no caption at all (None, or an empty list of captions)
@@ -31,6 +33,9 @@ SKIP_KINDS = (
     "bad_member",  # reported by the tar reader: a shard member it could not read
     "truncated_tar",  # reported by the tar reader: a shard that ends mid-member
 )
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; PIL.ImageOps.exif_transpose applies it on decode
+TURNED = (5, 6, 7, 8)  # orientations that turn the image a quarter: the shown width is the stored height
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +83,7 @@ def example(record: dict[str, Any], options: Options, epoch: int = 0) -> dict[st
         return _skipped(key, kind, options.size)
     try:
         img = _open(record.get("image"))
-        width, height = img.size
+        width, height = img.size  # as stored (the size checks below hold whatever the EXIF orientation)
     except Exception:  # noqa: BLE001  (whatever the bytes are, the record is skipped)
         return _skipped(key, "corrupt_image", options.size)
     short, long = min(width, height), max(width, height)
@@ -86,15 +91,18 @@ def example(record: dict[str, Any], options: Options, epoch: int = 0) -> dict[st
         return _skipped(key, "small_image", options.size)
     if options.max_aspect_ratio and long / short > options.max_aspect_ratio:
         return _skipped(key, "aspect_ratio", options.size)
-    box = _crop_box(width, height, options, rng)
     try:
         # JPEG: decode at the smallest 1/2^k scale still at least `size` on the short side.
         scale = options.size / short
         img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
         img.load()  # decodes everything now: a truncated file raises here
+        img, turned = upright(img)
         img = to_rgb(img)
     except Exception:  # noqa: BLE001
         return _skipped(key, "corrupt_image", options.size)
+    if turned:
+        width, height = height, width
+    box = _crop_box(width, height, options, rng)
     sx, sy = img.width / width, img.height / height  # < 1 when draft decoded at a reduced scale
     box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
     # One antialiased resize of the crop box (reducing_gap: a box reduction first, then bicubic).
@@ -116,6 +124,15 @@ def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
         white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return PIL.Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def upright(img: PIL.Image.Image) -> tuple[PIL.Image.Image, bool]:
+    """`img` as it is meant to be shown, its EXIF orientation applied (phone photos are often stored
+    on their side), and whether that turned it a quarter (its width is the stored height)."""
+    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    if orientation not in range(2, 9):  # 1: as stored (exif_transpose would only copy it)
+        return img, False
+    return PIL.ImageOps.exif_transpose(img), orientation in TURNED
 
 
 def _open(image) -> PIL.Image.Image:

@@ -7,15 +7,20 @@
 The dataset must already be prepared in array_record format under `data_dir` (nothing is
 downloaded); it is opened from its files (`dataset_info.json`), so no builder code is imported.
 Keys may be nested with "/" (`captions/text` = the `text` of the `captions` sequence) and may
-contain "/" themselves (`image/filename`). Image features come back as their encoded bytes, so
-that a corrupt image is skipped by `preprocess.example` instead of failing here; a caption
-sequence comes back whole (preprocess draws one per example and epoch).
+contain "/" themselves (`image/filename`); empty keys name the common layout: image "image",
+caption the first of CAPTION_KEYS the dataset has (coco_captions: "captions/text"). Image
+features come back as their encoded bytes, so that a corrupt image is skipped by
+`preprocess.example` instead of failing here; a caption sequence comes back whole (preprocess
+draws one per example and epoch).
 """
 from __future__ import annotations
 
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
+
+IMAGE_KEY = "image"  # the image feature when config.data.image_key is ""
+CAPTION_KEYS = ("captions/text", "caption", "text")  # for an empty caption_key: the first the dataset has
 
 
 def _children(feature):
@@ -76,6 +81,9 @@ class TfdsSource:
                                     f"(config.data.tfds_data_dir); prepare it first with tfds in array_record "
                                     f"format ({type(e).__name__}: {e})") from None
         features = builder.info.features
+        image_key = image_key or IMAGE_KEY
+        if not caption_key:
+            caption_key = next((k for k in CAPTION_KEYS if _resolve(features, k)), CAPTION_KEYS[0])
         self.image_path = _resolve(features, image_key)
         self.caption_path = _resolve(features, caption_key)
         for field, key, path in (("image_key", image_key, self.image_path), ("caption_key", caption_key, self.caption_path)):

@@ -10,8 +10,8 @@ Layout: a shard holds samples made of consecutive members that share a key. The 
 member name up to the first dot of its basename, folders included ("d/0001.jpg" -> "d/0001").
 A member's kind is the last part of its extension, in any case ("d/0001.x.JPG" is a jpg). A
 sample's image is its first jpg/jpeg/png/webp member; its caption is its .txt member, else the
-`caption_key` field of its .json member, else None. Members without a key, and members that are
-not regular files, are skipped. Images stay encoded.
+`caption_key` field of its .json member ("" = "caption", img2dataset's), else None. Members
+without a key, and members that are not regular files, are skipped. Images stay encoded.
 
 Bad data never raises; it gives a record with `skip` set. "bad_member": a sample without an
 image, with a caption that cannot be decoded, or with a member given twice. "truncated_tar":
@@ -53,6 +53,7 @@ from muse_jax import paths
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CAPTION_KEY = "caption"  # the .json field img2dataset writes the caption to
 BAD_MEMBER = "bad_member"
 TRUNCATED_TAR = "truncated_tar"
 
@@ -153,7 +154,8 @@ class WebDataset(grain.IterDataset):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
         self.files = [str(f) for f in files]
-        self.base_seed, self.shuffle_buffer, self.caption_key, self.num_epochs = seed, shuffle_buffer, caption_key, num_epochs
+        self.base_seed, self.shuffle_buffer, self.num_epochs = seed, shuffle_buffer, num_epochs
+        self.caption_key = caption_key or CAPTION_KEY
         self.shards = list(range(len(self.files)))  # the files this reader reads ...
         self.record_index, self.record_count = 0, 1  # ... keeping their records r with r % count == index
         self.readers = []  # [(index, count)] for the process, then for the mp_prefetch worker if any
