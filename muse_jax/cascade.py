@@ -533,11 +533,12 @@ def load_image(path, size: int) -> np.ndarray:
     refused (it would be distorted).
     """
     import PIL.Image
+    import PIL.ImageOps
 
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
-    img = PIL.Image.open(path).convert("RGB")
+    img = PIL.ImageOps.exif_transpose(PIL.Image.open(path)).convert("RGB")  # a phone photo as it is shown
     if img.size != (size, size):
         if img.size[0] != img.size[1]:
             raise ValueError(f"image {path} is {img.size[0]}x{img.size[1]}; this pipeline needs a square image "
@@ -551,12 +552,13 @@ def load_image(path, size: int) -> np.ndarray:
 def load_mask(path, image_path, size: int) -> np.ndarray:
     """A mask image (nonzero / white = regenerate) of the same size as the image -> bool [size, size]."""
     import PIL.Image
+    import PIL.ImageOps
 
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"mask {path} does not exist")
-    mask = PIL.Image.open(path).convert("L")
-    image_size = PIL.Image.open(image_path).size
+    mask = PIL.ImageOps.exif_transpose(PIL.Image.open(path)).convert("L")
+    image_size = PIL.ImageOps.exif_transpose(PIL.Image.open(image_path)).size
     if mask.size != image_size:
         raise ValueError(f"mask {path} is {mask.size[0]}x{mask.size[1]} but image {image_path} is "
                          f"{image_size[0]}x{image_size[1]}; they must be the same size")

@@ -103,3 +103,21 @@ def test_mask_free_edit_scores_tokens_in_context():
     for b in range(2):
         np.testing.assert_array_equal(np.nonzero(np.asarray(masks)[0, b])[0], np.sort(odd[b]))
     np.testing.assert_array_equal(np.asarray(out), 3)  # the edit restored the majority everywhere
+
+
+def test_edit_inputs_are_read_upright(tmp_path):
+    """A photo stored on its side with an EXIF orientation is edited as it is shown, and so is its mask."""
+    import PIL.Image
+
+    from muse_jax import cascade
+
+    stored = np.zeros((16, 16, 3), np.uint8)
+    stored[:, :8] = 255  # the left half white, as stored
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: the stored left half is the shown top half
+    PIL.Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    PIL.Image.fromarray(stored[..., 0]).save(tmp_path / "mask.png", exif=exif)
+    image = cascade.load_image(tmp_path / "photo.png", 16)
+    assert (image[:8] == 255).all() and (image[8:] == 0).all()
+    mask = cascade.load_mask(tmp_path / "mask.png", tmp_path / "photo.png", 16)
+    assert mask[:8].all() and not mask[8:].any()
