@@ -21,6 +21,10 @@ $(VENV)/.installed-test: setup.py pyproject.toml | $(BIN)/python
 	# pytorch-fid (reference for the InceptionV3 parity test) without its dependencies: they
 	# would replace the pinned CPU torch with a CUDA build and add torchvision.
 	$(BIN)/python -m pip install -q --no-deps pytorch-fid==0.3.0
+	# clean-fid (its "clean" resize and scaling, for test_inception) and torchmetrics (its CLIPScore,
+	# for test_clip_score) without their dependencies, for the same reason; the modules the tests
+	# import need neither torchvision nor a model download.
+	$(BIN)/python -m pip install -q --no-deps clean-fid==0.1.35 torchmetrics==1.9.0 lightning-utilities==0.15.3
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed

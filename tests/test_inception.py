@@ -229,3 +229,37 @@ def test_state_dict_errors_name_the_problem():
         inception.load_torch_state_dict({"Conv2d_1a_3x3.conv.weight": np.zeros((32, 3, 3, 3))})
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         inception.load_inception("/nonexistent/pt_inception.pth")
+
+
+def test_clean_protocol_feeds_the_network_what_clean_fid_does():
+    """clean-fid's own code (`pip install --no-deps clean-fid==0.1.35`: its resizer, and its
+    InceptionV3 wrapper's forward with the network replaced by a recorder) gives the network input
+    of the "clean" protocol bit for bit: the same resize, then (x - 128) / 128."""
+    pytest.importorskip("cleanfid")
+    from cleanfid.inception_torchscript import InceptionV3W
+    from cleanfid.resize import build_resizer
+
+    class Recorder(nn_t.Module):
+        def forward(self, x):
+            self.input = x
+            return torch.zeros(len(x), 2048)
+
+    wrapper = InceptionV3W.__new__(InceptionV3W)  # without the weights download of __init__
+    nn_t.Module.__init__(wrapper)
+    wrapper.resize_inside, wrapper.layers = False, Recorder()
+    images = np.random.default_rng(0).integers(0, 256, (2, 40, 56, 3), dtype=np.uint8)
+    resize = build_resizer("clean")
+    # clean-fid's dataset turns the float32 [H, W, C] resize into a [C, H, W] tensor (ToTensor, no scaling)
+    wrapper(torch.from_numpy(np.stack([resize(x) for x in images]).transpose(0, 3, 1, 2).copy()))
+    want = wrapper.layers.input.numpy().transpose(0, 2, 3, 1)
+
+    got = inception.clean_input(images)
+    assert got.dtype == np.float32 and want.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+    assert got.min() >= -1.0 and got.max() < 1.0 and not np.allclose(got, inception.clean_resize(images) / 127.5 - 1)
+
+    # and the features of the "clean" protocol are the network's on exactly that input
+    variables = inception.InceptionV3().init(jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
+    net = inception.InceptionV3(resize_input=False, normalize_input=False)
+    np.testing.assert_allclose(inception.make_feature_fn(variables, "clean")(images[:1]),
+                               jax.jit(net.apply)(variables, want[:1]), rtol=1e-6, atol=1e-6)

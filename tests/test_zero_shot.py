@@ -120,7 +120,7 @@ def _run(env, out, **kw):
 
 def _features(result):
     with np.load(result["chunks"] + "/chunk_00000.npz") as a, np.load(result["chunks"] + "/chunk_00001.npz") as b:
-        return {k: np.concatenate([a[k], b[k]]) for k in ("indices", "inception", "clip_image", "clip_score")}
+        return {k: np.concatenate([a[k], b[k]]) for k in ("indices", "inception", "clip_image", "clip_text")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +170,8 @@ def test_clean_resize():
 
 
 class TinyCaptions:
-    """A tfds builder shaped like coco_captions: images with a sequence of captions each."""
+    """A tfds builder shaped like coco_captions: images with a sequence of captions each, in two
+    splits (val: images 0..11, restval: images 12..16)."""
 
     @staticmethod
     def build(data_dir):
@@ -185,11 +186,11 @@ class TinyCaptions:
                     "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
 
             def _split_generators(self, dl_manager):
-                return {"val": self._generate_examples(12)}
+                return {"val": self._generate_examples(0, 12), "restval": self._generate_examples(12, 17)}
 
-            def _generate_examples(self, n):
-                rng = np.random.default_rng(0)
-                for i in range(n):
+            def _generate_examples(self, start, stop):
+                rng = np.random.default_rng(start)
+                for i in range(start, stop):
                     image = rng.integers(0, 255, (20, 24 + i, 3), dtype=np.uint8)
                     yield i, {"image": PIL.Image.fromarray(image),
                               "captions": {"text": [f"image {i} caption {j}" for j in range(1 + i % 3)]}}
@@ -197,7 +198,15 @@ class TinyCaptions:
         TinyCocoCaptions(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
 
 
-def test_prompt_sources(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_tfds(tmp_path_factory):
+    """The folder of the prepared TinyCaptions (built once: a builder class registers its name once)."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+    TinyCaptions.build(data_dir)
+    return str(data_dir)
+
+
+def test_prompt_sources(tmp_path, tiny_tfds):
     (tmp_path / "p.txt").write_text("first\n\n  second \nthird\n")
     assert caption_sets.read_prompts(str(tmp_path / "p.txt"), 2) == ["first", "second"]
     (tmp_path / "p.jsonl").write_text('{"caption": "one"}\n\n{"caption": "two", "file": "x.png"}\n')
@@ -211,9 +220,8 @@ def test_prompt_sources(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:1 has no \"caption\""):
         caption_sets.read_prompts(str(tmp_path / "bad.jsonl"))
 
-    TinyCaptions.build(tmp_path / "tfds")
     read = lambda num, seed, src="tfds:tiny_coco_captions": caption_sets.read_prompts(  # noqa: E731
-        src, num, seed, str(tmp_path / "tfds"))
+        src, num, seed, tiny_tfds)
     draw = read(8, 0)
     assert len(draw) == 8 and read(8, 0) == draw and read(8, 0, "tfds:tiny_coco_captions:val") == draw
     assert read(5, 0) == draw[:5]  # the first N of the same seeded draw
@@ -223,9 +231,46 @@ def test_prompt_sources(tmp_path):
     assert all(int(p.split()[3]) < 1 + int(p.split()[1]) % 3 for p in draw)  # among that image's captions
     with pytest.raises(ValueError, match="no split 'train'"):
         read(2, 0, "tfds:tiny_coco_captions:train")
-    count, batches = caption_sets.reference_images("tfds:tiny_coco_captions", 16, 5, str(tmp_path / "tfds"))
+    count, batches = caption_sets.reference_images("tfds:tiny_coco_captions", 16, 5, tiny_tfds)
     shapes = [b.shape for b in batches]
     assert count == 12 and shapes == [(5, 16, 16, 3), (5, 16, 16, 3), (2, 16, 16, 3)]
+
+
+def test_tfds_split_unions(tiny_tfds):
+    """tfds:NAME:A+B: the examples of A then those of B, drawn from with the seed; as a reference,
+    every image of both."""
+    import tensorflow_datasets as tfds
+
+    data_dir = tiny_tfds
+    read = lambda src, num, seed=0: caption_sets.read_prompts(src, num, seed, data_dir)  # noqa: E731
+    union = "tfds:tiny_coco_captions:val+restval"
+
+    def stored(split):  # the image numbers of a split, in the order tfds stored its examples
+        examples = tfds.data_source("tiny_coco_captions", split=split, data_dir=data_dir)
+        return [int(caption_sets._example_captions(x, split)[0].split()[1]) for x in examples]
+
+    draw = read(union, 17)
+    images = [int(p.split()[1]) for p in draw]
+    assert sorted(images) == list(range(17))  # one caption of every image of both splits
+    # the seeded order is a permutation of val's examples followed by restval's, in the order written
+    swapped = read("tfds:tiny_coco_captions:restval+val", 17)
+    for prompts, examples in ((draw, stored("val") + stored("restval")), (swapped, stored("restval") + stored("val"))):
+        assert [int(p.split()[1]) for p in prompts] == [examples[i] for i in np.random.default_rng(0).permutation(17)]
+    assert read(union, 17) == draw and read(union, 9) == draw[:9] and read(union, 17, 1) != draw
+    assert {int(p.split()[1]) for p in read("tfds:tiny_coco_captions:restval", 5)} == set(range(12, 17))
+    with pytest.raises(ValueError, match="fewer than the 18"):
+        read(union, 18)
+    with pytest.raises(ValueError, match="no split 'train'"):
+        read("tfds:tiny_coco_captions:val+train", 2)
+    for bad in ("val+val", "val+", "+restval"):
+        with pytest.raises(ValueError, match="named once each"):
+            read(f"tfds:tiny_coco_captions:{bad}", 2)
+
+    reference = lambda src: caption_sets.reference_images(src, 16, 5, data_dir)  # noqa: E731
+    count, batches = reference(union)
+    assert count == 17
+    want = np.concatenate([np.concatenate(list(reference(f"tfds:tiny_coco_captions:{s}")[1])) for s in ("val", "restval")])
+    np.testing.assert_array_equal(np.concatenate(list(batches)), want)
 
 
 def test_evaluation_reference_npz_and_folder_agree_and_self_fid_is_zero(env, scorer, tmp_path):
@@ -389,7 +434,7 @@ def test_evaluation_on_two_real_processes_equals_one_process(env, scorer, tmp_pa
     assert two["sweeps"]["guidance"]["results"][0]["fid"] == one["fid"]
     for k in range(3):
         with np.load(f"{one['chunks']}/chunk_{k:05d}.npz") as a, np.load(f"{two['chunks']}/chunk_{k:05d}.npz") as b:
-            for key in ("indices", "inception", "clip_image", "clip_text", "clip_score"):
+            for key in ("indices", "inception", "clip_image", "clip_text"):
                 np.testing.assert_array_equal(b[key], a[key], err_msg=f"chunk {k} {key}")
 
 

@@ -7,9 +7,13 @@ A source is one of:
                           (what `muse-jax data shapes --out DIR` writes); as a reference, its
                           images (or, without captions.jsonl, every image file of DIR)
   tfds:NAME[:SPLIT]       a prepared tfds dataset (array_record, read without TensorFlow) under
-                          `data_dir`; SPLIT defaults to the first of val, validation, test
-As in COCO-30K, captions of a tfds dataset are drawn with the seed: the images in a seeded random
-order, one of each image's captions (a "captions/text" sequence, or a "caption") drawn at random.
+                          `data_dir`; SPLIT defaults to the first of val, validation, test, and
+                          may be a union A+B+...: the examples of A, then those of B, ... (e.g.
+                          tfds:coco_captions:val+test+restval, the 40,504 images of COCO-2014 val)
+As in COCO-30K, captions of a tfds dataset are drawn with the seed: the images (of every split
+named, in that order) in a seeded random order, and one of each image's captions (a
+"captions/text" sequence, or a "caption") drawn at random. As a reference, a tfds source gives
+every image of its splits.
 """
 from __future__ import annotations
 
@@ -34,31 +38,55 @@ def describe(source: str) -> str:
     return os.path.abspath(source)
 
 
-def _parse_tfds(source: str) -> tuple[str, str | None]:
+def _parse_tfds(source: str) -> tuple[str, list[str] | None]:
+    """(NAME, [SPLIT, ...] or None) of tfds:NAME[:SPLIT[+SPLIT...]]."""
     parts = source[len("tfds:"):].split(":")
     if not parts[0] or len(parts) > 2:
-        raise ValueError(f"expected tfds:NAME or tfds:NAME:SPLIT, got {source!r}")
-    return parts[0], (parts[1] if len(parts) == 2 else None)
+        raise ValueError(f"expected tfds:NAME, tfds:NAME:SPLIT or tfds:NAME:SPLIT+SPLIT..., got {source!r}")
+    if len(parts) == 1:
+        return parts[0], None
+    splits = parts[1].split("+")
+    if not all(splits) or len(set(splits)) != len(splits):
+        raise ValueError(f"{source}: the splits of a union must be named once each, got {parts[1]!r}")
+    return parts[0], splits
+
+
+class _Concatenation:
+    """The examples of several data sources, one after the other: indexable and sized like one."""
+
+    def __init__(self, sources):
+        self.sources = sources
+        self.starts = np.cumsum([0] + [len(s) for s in sources])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int):
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.sources[k][int(i - self.starts[k])]
 
 
 def _tfds_source(source: str, data_dir: str | None, skip_images: bool):
     import tensorflow_datasets as tfds
 
-    name, split = _parse_tfds(source)
+    name, wanted = _parse_tfds(source)
     if data_dir is None:
         raise ValueError(f"{source}: give the folder of the prepared tfds dataset (--tfds-data-dir)")
     builder = tfds.builder(name, data_dir=data_dir)
     splits = list(builder.info.splits)
-    if split is None:
-        split = next((s for s in DEFAULT_SPLITS if s in splits), None)
-        if split is None:
+    if wanted is None:
+        wanted = [next((s for s in DEFAULT_SPLITS if s in splits), None)]
+        if wanted[0] is None:
             raise ValueError(f"{source}: no split given and none of {DEFAULT_SPLITS} exists (splits: {splits})")
-    elif split not in splits:
-        raise ValueError(f"{source}: no split {split!r} (splits: {splits})")
+    for split in wanted:
+        if split not in splits:
+            raise ValueError(f"{source}: no split {split!r} (splits: {splits})")
     decoders = None
     if skip_images and "image" in builder.info.features.keys():
         decoders = {"image": tfds.decode.SkipDecoding()}  # captions only: leave the images encoded
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
+    sources = [tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
+               for split in wanted]
+    return sources[0] if len(sources) == 1 else _Concatenation(sources)
 
 
 def _text(value) -> str:

@@ -13,7 +13,9 @@ Two resize protocols bring images to 299x299 (`RESIZE_PROTOCOLS`):
             above (clean-fid calls it "legacy_pytorch"); what this module did from the start.
   "clean"   clean-fid's (Parmar et al. 2022): each channel of the uint8 image as a float32 PIL
             image, PIL's bicubic filter (antialiased when shrinking), clipped to [0, 255], not
-            quantised; then the same network without its own resize (`clean_resize`).
+            quantised (`clean_resize`); then scaled as clean-fid's InceptionV3 wrapper does,
+            (x - 128) / 128 rather than 2 x / 255 - 1 (`clean_input`), into the same network
+            without its own resize and scaling. Its FIDs compare with clean-fid's "clean" ones.
 """
 from __future__ import annotations
 
@@ -303,6 +305,9 @@ def save_npz(state_dict: Mapping[str, Any], path: str) -> None:
 
 
 RESIZE_PROTOCOLS = ("clean", "legacy")
+# How each protocol's features are named in stamps and cached statistics ("clean-fid": clean-fid's
+# resize and scaling; features named "clean" were scaled 2 x / 255 - 1 and are not reused).
+PROTOCOL_IDS = {"clean": "clean-fid", "legacy": "legacy"}
 
 
 def clean_resize(images: np.ndarray, size: int | None = None) -> np.ndarray:
@@ -319,20 +324,29 @@ def clean_resize(images: np.ndarray, size: int | None = None) -> np.ndarray:
     return np.clip(out, 0.0, 255.0)
 
 
-@functools.partial(jax.jit, static_argnames="resize_input")
-def _pool3(variables, images, resize_input: bool = True):
-    """[N, H, W, 3] images in [0, 255] (uint8 or float) -> [N, 2048] pool3 features; the weights
-    are an argument, so one compiled program serves every set of weights."""
-    return InceptionV3(resize_input=resize_input).apply(variables, images.astype(jnp.float32) / 255.0)
+def clean_input(images: np.ndarray) -> np.ndarray:
+    """What the "clean" protocol feeds the network: `clean_resize`, then clean-fid's scaling
+    (x - 128) / 128 -> float32 [N, 299, 299, 3] in [-1, 0.9921875]."""
+    return (clean_resize(images) - np.float32(128.0)) / np.float32(128.0)
+
+
+@functools.partial(jax.jit, static_argnames="resize")
+def _pool3(variables, images, resize: str = "legacy"):
+    """[N, 2048] pool3 features; the weights are an argument, so one compiled program serves every
+    set of weights. "legacy": [N, H, W, 3] images in [0, 255] (uint8 or float), scaled to [0, 1]
+    and resized and normalised by the network; "clean": `clean_input`'s array, as it is."""
+    if resize == "clean":
+        return InceptionV3(resize_input=False, normalize_input=False).apply(variables, images)
+    return InceptionV3().apply(variables, images.astype(jnp.float32) / 255.0)
 
 
 def make_feature_fn(variables: Mapping[str, Any], resize: str = "legacy"):
     """A function: [N, H, W, 3] uint8 images -> [N, 2048] float32 pool3 features, with the
-    `resize` protocol ("legacy": on the device; "clean": on the host first)."""
+    `resize` protocol ("legacy": on the device; "clean": `clean_input` on the host first)."""
     if resize == "legacy":
         return lambda images: _pool3(variables, images)
     if resize == "clean":
-        return lambda images: _pool3(variables, clean_resize(np.asarray(images)), resize_input=False)
+        return lambda images: _pool3(variables, clean_input(np.asarray(images)), resize="clean")
     raise ValueError(f"unknown resize protocol {resize!r}; expected one of {RESIZE_PROTOCOLS}")
 
 

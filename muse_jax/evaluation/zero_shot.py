@@ -79,7 +79,7 @@ class Scorer:
 
             self._identity = {
                 "inception": None if self.inception is None else inception.fingerprint(self.inception),
-                "resize": self.resize,
+                "resize": inception.PROTOCOL_IDS[self.resize],
                 "clip": None if self.clip is None else f"{self.clip_name}:{inception.fingerprint(self.clip)}",
             }
         return self._identity
@@ -95,7 +95,8 @@ class Scorer:
         return inception.inception_features(padded, self.inception, batch_size, self._inception_fn)[:n]
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str], batch_size: int) -> dict[str, np.ndarray]:
-        """The features of one chunk: inception [n, 2048]; clip_image, clip_text [n, D], clip_score [n]."""
+        """The features of one chunk: inception [n, 2048]; clip_image, clip_text [n, D] (CLIP's
+        projected embeddings, which `clip_score` scores)."""
         out = {}
         if self.inception is not None:
             out["inception"] = self.inception_features(images, batch_size)
@@ -107,7 +108,6 @@ class Scorer:
             image_emb = np.asarray(clip.embed_images(self.clip, _pad(images, batch_size), config=self.clip_config))[:n]
             text_emb = np.asarray(clip.embed_texts(self.clip, ids, mask, config=self.clip_config))[:n]
             out["clip_image"], out["clip_text"] = image_emb, text_emb
-            out["clip_score"] = np.asarray(clip.clip_score(image_emb, text_emb))
         return out
 
 
@@ -271,9 +271,18 @@ def reference_statistics(reference: str | None, scorer: Scorer, image_size: int,
     return stats, fid.statistics_path(str(cache_dir), extractor_id, dataset_id)
 
 
+def clip_score(image_emb: np.ndarray, text_emb: np.ndarray) -> float:
+    """torchmetrics' CLIPScore of the pairs (image_emb[i], text_emb[i]): max(100 * mean(cos), 0),
+    the cosine of each pair's embeddings averaged over the pairs, and the mean clamped at 0 (not
+    each pair: a negative cosine lowers the score)."""
+    a, b = np.asarray(image_emb, np.float64), np.asarray(text_emb, np.float64)
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    return float(max(100.0 * cos.mean(), 0.0))
+
+
 def score(chunks: dict[str, np.ndarray], reference, scorer: Scorer) -> dict[str, Any]:
-    """FID against the reference statistics and the mean CLIP score (torchmetrics' CLIPScore:
-    100 * max(cos, 0) averaged over images); None, with a note saying why, where not computed."""
+    """FID against the reference statistics and the CLIP score (`clip_score`); None, with a note
+    saying why, where not computed."""
     out: dict[str, Any] = {"num": int(len(chunks["indices"])), "fid": None, "fid_resize": scorer.resize,
                            "clip_score": None, "clip_model": scorer.clip_name}
     if scorer.inception is None:
@@ -287,7 +296,7 @@ def score(chunks: dict[str, np.ndarray], reference, scorer: Scorer) -> dict[str,
     if scorer.clip is None:
         out["clip_note"] = "no CLIP checkpoint (--clip): CLIP score not computed"
     else:
-        out["clip_score"] = float(np.mean(chunks["clip_score"], dtype=np.float64))
+        out["clip_score"] = clip_score(chunks["clip_image"], chunks["clip_text"])
     out["sec_per_image"] = float(chunks["sec_per_image"])
     out["feature_sec_per_image"] = float(chunks["feature_sec_per_image"])
     return out
