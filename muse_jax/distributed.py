@@ -25,6 +25,7 @@ naming the step. Restart all processes to resume from the last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -32,6 +33,8 @@ import threading
 import time
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +230,40 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def main_process_flag(flag: bool) -> bool:
+    """Process 0's `flag` on every process (a collective: every process calls it; no-op with one)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
+
+
+def sum_counts(counts: Mapping[str, int]) -> dict[str, int]:
+    """`counts` summed over processes, key by key (a collective: every process calls it; no-op with one).
+
+    Processes may hold different keys: each one's counts travel as JSON (padded to the longest),
+    so the result has the union of the keys on every process: process 0's in its order, then new ones.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return {k: int(v) for k, v in counts.items()}
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps({k: int(v) for k, v in counts.items()}).encode(), np.uint8)
+    longest = int(np.max(multihost_utils.process_allgather(np.int32(raw.size))))
+    padded = np.zeros(longest, np.uint8)
+    padded[:raw.size] = raw
+    total: dict[str, int] = {}
+    for row in np.asarray(multihost_utils.process_allgather(padded)):
+        for k, v in json.loads(row.tobytes().rstrip(b"\0")).items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 class Watchdog:

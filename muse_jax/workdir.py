@@ -37,7 +37,7 @@ import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
 from muse_jax import config as config_lib
-from muse_jax import paths
+from muse_jax import distributed, paths
 from muse_jax.data import text as text_lib
 from muse_jax.models import transformer as transformer_lib
 from muse_jax.models import vqgan
@@ -221,17 +221,29 @@ def spm_path(workdir, text_config):
 
 def text_tokenizer(workdir, text_config, captions=None) -> text_lib.TextTokenizer:
     """The workdir's sentencepiece tokenizer; trained from `captions()` (a callable, called only then)
-    into W/text/spm.model when there is none and no `config.text.spm_model` is given."""
+    into W/text/spm.model when there is none and no `config.text.spm_model` is given.
+
+    One vocabulary per job: with `captions`, every process of a multi-process job must call it (it is a
+    collective). Process 0 decides whether W holds a vocabulary; if not, it alone trains one on its own
+    `captions()` and writes it (atomically), and after a barrier every process loads that same file.
+    """
     p = spm_path(workdir, text_config)
-    if not p.is_file():
-        if text_config.get("spm_model", ""):
-            raise FileNotFoundError(f"config.text.spm_model={text_config.spm_model} does not exist")
-        if captions is None:
+    if text_config.get("spm_model", "") or captions is None:
+        if not p.is_file():
+            if text_config.get("spm_model", ""):
+                raise FileNotFoundError(f"config.text.spm_model={text_config.spm_model} does not exist")
             raise FileNotFoundError(f"{p} does not exist (it is trained with the first stage: run `muse-jax train`)")
+    elif not distributed.main_process_flag(p.is_file()):
         if not text_config.get("trainable", True):
             raise ValueError("config.text.trainable=False needs config.text.spm_model, the sentencepiece model of the "
                              "pretrained T5 (its ids mean nothing to the T5 otherwise)")
-        text_lib.train_sentencepiece(captions(), p, text_config.vocab_size, text_config.get("spm_model_type", "bpe"))
+        if distributed.is_main_process():
+            text_lib.train_sentencepiece(captions(), p, text_config.vocab_size,
+                                         text_config.get("spm_model_type", "bpe"))
+        distributed.sync("text_tokenizer: spm.model written")
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}, written by process 0, is not visible here: every process of a job "
+                                    "needs the same workdir (a shared filesystem or a bucket)")
     return text_lib.TextTokenizer(p, text_config.max_length)
 
 

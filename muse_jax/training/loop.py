@@ -221,7 +221,8 @@ def train_stage(
     quiet: bool = False,
     devices=None,
 ) -> dict[str, Any]:
-    """Trains (or resumes) `stage` in W/<stage>; returns a summary (losses, timings, final step).
+    """Trains (or resumes) `stage` in W/<stage>; returns a summary (losses, timings, final step, records
+    skipped by all processes).
 
     `stop_at` ends this run early at that step (as a preemption would), keeping the schedule
     of `config.train.num_steps`.
@@ -327,8 +328,8 @@ def train_stage(
                             scalars["perf/model_tflops_per_s"] = sps * flops_per_step / 1e12
                             if peak:
                                 scalars["perf/mfu"] = sps * flops_per_step / peak
-                        if hasattr(it, "metrics"):  # real data: skipped records by kind
-                            scalars.update(it.metrics())
+                        if hasattr(it, "metrics"):  # real data: records all processes skipped, by kind
+                            scalars.update(distributed.sum_counts(it.metrics()))
                         writer.write_scalars(done, scalars)
                         bar.set_postfix(loss=f"{avg['loss']:.3f}", acc=f"{avg['accuracy']:.3f}")
                         t_log, steps_since = time.perf_counter(), 0
@@ -357,10 +358,18 @@ def train_stage(
     sec = float(np.median(steady)) if steady else float("nan")
     return {
         "stage": stage, "final_step": int(jax.device_get(state.step)), "losses": losses, "status": stopped,
-        "skipped": dict(getattr(it, "skipped", {}) or {}),
+        "skipped": skipped_records(it),
         "seconds_per_step": sec, "tokens_per_s": tokens_per_step / sec if step_times else float("nan"),
         "params": n_params, "state": state,
     }
+
+
+def skipped_records(it) -> dict[str, int]:
+    """The records the data iterators of all processes skipped so far, summed by kind (`it.skipped`; {} for
+    data that skips none). A collective where there are skips to count: every process calls it."""
+    if not hasattr(it, "skipped"):  # the same data on every process: all of them return here, or none
+        return {}
+    return distributed.sum_counts(it.skipped or {})
 
 
 def train(config, workdir, stages=config_lib.STAGES, quiet: bool = False) -> list[dict]:

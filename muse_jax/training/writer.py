@@ -82,13 +82,19 @@ class MetricWriter:
             self._tb.add_text(k, str(t), int(step))
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        """Hyperparameters (flattened, non-scalar values as strings)."""
+        """Hyperparameters (flattened, non-scalar values as strings) for TensorBoard's HParams tab, written
+        into this writer's own event file (a second writer on the same folder may open the same file name
+        and overwrite it)."""
         if not self.active:
             return
+        from tensorboardX.summary import hparams as hparams_summaries
+
         flat = {
             k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(hparams).items()
         }
-        self._tb.add_hparams(flat, {}, name=".")
+        file_writer = self._tb._get_file_writer()
+        for summary in hparams_summaries(flat, {}):  # the experiment, session start and session end
+            file_writer.add_summary(summary)
 
     def flush(self) -> None:
         if self._tb is not None:
