@@ -135,19 +135,18 @@ def test_preprocess_matches_definition_and_hf_processor():
     np.testing.assert_allclose(clip.preprocess_images(images, 32), ref, atol=1e-5)
 
 
-def test_clip_score():
+def test_pair_cosines():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((6, 24)).astype(np.float32)
     b = rng.standard_normal((6, 24)).astype(np.float32)
-    b[0] = 3 * a[0]  # cos 1 -> 100
-    b[1] = -a[1]  # cos -1 -> 0
+    b[0] = 3 * a[0]  # cos 1
+    b[1] = -a[1]  # cos -1
     cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-    expect = 100 * np.maximum(cos, 0)  # torchmetrics' CLIPScore definition per pair
-    got = np.asarray(clip.clip_score(a, b))
-    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-4)
-    assert got[0] == pytest.approx(100, abs=1e-3) and got[1] == 0
+    got = np.asarray(clip.pair_cosines(a, b))
+    np.testing.assert_allclose(got, cos, rtol=1e-5, atol=1e-6)
+    assert got[0] == pytest.approx(1, abs=1e-5) and got[1] == pytest.approx(-1, abs=1e-5)
     with pytest.raises(ValueError):
-        clip.clip_score(a, b[:3])
+        clip.pair_cosines(a, b[:3])
 
 
 def test_load_hf_rejects_missing_and_extra():

@@ -29,7 +29,7 @@ Use:
   params = load_hf("/path/to/clip-vit-base-patch32")  # config.json + model.safetensors
   img = embed_images(params, uint8_images, config=cfg)  # uint8 [N, H, W, 3] -> [N, 512]
   txt = embed_texts(params, ids, mask, config=cfg)      # ids from CLIP's BPE tokenizer
-  scores = clip_score(img, txt)                          # [N], 100 * max(cos, 0)
+  cos = pair_cosines(img, txt)                           # [N]; the CLIP score: max(100 mean(cos), 0)
 Token ids come from CLIP's byte-level BPE tokenizer, which is not part of this module (models
 import no data code): `muse_jax.data.clip_bpe.CLIPTokenizer.from_dir(checkpoint_dir)` reads the
 checkpoint's vocab.json / merges.txt.
@@ -523,20 +523,16 @@ def text_hidden_and_embeds(params, ids, mask=None, *, config: Any,
     return _jitted_text(cfg, int(hidden_layer))(text_params, ids, mask)
 
 
-def clip_score(image_emb, text_emb) -> jax.Array:
-    """CLIP score per (image, text) pair: 100 * max(cos(image_emb[i], text_emb[i]), 0), float32 [N].
-
-    This is the per-sample definition of torchmetrics' `CLIPScore` (which reports the mean; its
-    implementation clamps the batch mean rather than each pair, the same whenever no cosine is
-    negative, as is usual for CLIP). Average the result for a dataset-level score.
-    """
+def pair_cosines(image_emb, text_emb) -> jax.Array:
+    """cos(image_emb[i], text_emb[i]) of each pair: float32 [N]. The CLIP score of a set of pairs is
+    torchmetrics' max(100 * mean(cos), 0) (`muse_jax.evaluation.zero_shot.clip_score`)."""
     a = jnp.asarray(image_emb, jnp.float32)
     b = jnp.asarray(text_emb, jnp.float32)
     if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"clip_score: expected two [N, D] arrays of the same shape, got {a.shape} and {b.shape}")
+        raise ValueError(f"pair_cosines: expected two [N, D] arrays of the same shape, got {a.shape} and {b.shape}")
     a = a / jnp.linalg.norm(a, axis=-1, keepdims=True)
     b = b / jnp.linalg.norm(b, axis=-1, keepdims=True)
-    return 100.0 * jnp.maximum(jnp.sum(a * b, axis=-1), 0.0)
+    return jnp.sum(a * b, axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from muse_jax import amused, image_ops
+from muse_jax import amused, distributed, image_ops
 from muse_jax import config as config_lib
 from muse_jax import workdir as workdir_lib
 from muse_jax.data import image_text, shapes, sources
@@ -214,8 +214,8 @@ def train(config, workdir, *, name: str = "", num_steps: int | None = None, quie
                     metrics["steps_per_s"] = tcfg.log_every / max(now - last_log, 1e-9)
                     last_log = now
                     writer.write_scalars(done, {f"train/{k}": v for k, v in metrics.items()})
-                    if hasattr(it, "metrics"):  # real data: skipped records by kind
-                        writer.write_scalars(done, it.metrics())
+                    if hasattr(it, "metrics"):  # real data: records all processes skipped, by kind
+                        writer.write_scalars(done, distributed.sum_counts(it.metrics()))
                     if hasattr(bar, "set_postfix"):
                         bar.set_postfix(psnr=f"{float(metrics['psnr']):.2f}", usage=f"{float(metrics['usage']):.2f}")
                 ckpt.save(done, state, data_iterator=it, force=done == num_steps)
@@ -242,9 +242,11 @@ def train(config, workdir, *, name: str = "", num_steps: int | None = None, quie
             writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in result.items() if k not in ("step", "status")})
             writer.write_images(int(state.step), {"eval/originals": originals, "eval/reconstructions": recons})
         writer.close()
-    if getattr(it, "skipped", None):
-        result["skipped"] = dict(it.skipped)
-        print(f"tokenizer: skipped records {result['skipped']}")
+    skipped = distributed.sum_counts(it.skipped or {}) if hasattr(it, "skipped") else {}  # every process calls it
+    if skipped:
+        result["skipped"] = skipped
+        if jax.process_index() == 0:
+            print(f"tokenizer: skipped records {skipped} (all processes)")
     if jax.process_index() == 0 and status == "done":
         (tok_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
