@@ -275,12 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     z = p.add_argument_group("zero-shot evaluation on a caption set (with --prompts; see evaluation/zero_shot.py)")
     z.add_argument("--prompts", help="captions: FILE.txt, FILE.jsonl (\"caption\"), a folder dataset (captions.jsonl) "
-                   "or tfds:NAME[:SPLIT]")
+                   "or tfds:NAME[:SPLIT[+SPLIT...]] (COCO-2014 val: tfds:coco_captions:val+test+restval)")
     z.add_argument("--num", type=int, help="the first N captions (tfds: N images in a seeded order, one caption each)")
-    z.add_argument("--reference", help="FID reference: pytorch-fid statistics .npz, a folder of images or tfds:NAME[:SPLIT]")
+    z.add_argument("--reference", help="FID reference: pytorch-fid statistics .npz, a folder of images or "
+                   "tfds:NAME[:SPLIT[+SPLIT...]]")
     z.add_argument("--tfds-data-dir", help="the folder of the prepared tfds datasets (for tfds: sources)")
     z.add_argument("--resize", choices=["clean", "legacy"], default="clean",
-                   help="FID resize to 299: clean (clean-fid: PIL bicubic) or legacy (pytorch-fid: bilinear)")
+                   help="FID input: clean (clean-fid: PIL bicubic to 299, (x - 128) / 128) or legacy (pytorch-fid: "
+                        "bilinear on the float tensor)")
     z.add_argument("--clip", help="a Hugging Face CLIP checkpoint folder, for the CLIP score")
     z.add_argument("--clip-model", choices=["vit-b-32", "vit-l-14"], help="the CLIP preset (default: its config.json)")
     z.add_argument("--sweep-temperature", help="comma-separated sampling temperatures to sweep")

@@ -226,3 +226,29 @@ def test_sharded_meshes_match_one_device_and_restore_onto_another_mesh(tmp_path)
     assert any("fsdp" in s for s in res["fsdp"]["specs"])  # parameters really are sharded
     assert any("tensor" in s for s in res["tp"]["specs"])
     assert res["fsdp"]["steps"] == [[1, 2], [3]]  # the second half ran on the other mesh
+
+
+def _tree_bytes(folder: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_train_leaves_a_trained_stage_as_it_was(tmp_path):
+    """Bad values, a mesh larger than the devices, another architecture: refused, and W/base unchanged
+    (its config.json included), so sampling still loads it; a restore never returns placeholders."""
+    cfg = tiny_config("--config.train.num_steps=2", "--config.train.checkpoint_every=2")
+    loop.train_stage(cfg, tmp_path, "base", data=_data(cfg), quiet=True)
+    before = _tree_bytes(tmp_path / "base")
+    refused = [
+        (("--config.train.batch_size=0",), "batch_size=0"),
+        (("--config.train.log_every=0",), "log_every=0"),
+        (("--config.train.num_steps=-5",), "num_steps=-5"),
+        (("--config.mesh.data=64",), "64"),
+        (("--config.base.num_layers=2", "--config.train.num_steps=4"), "different model config"),
+    ]
+    for extra, cause in refused:
+        bad = tiny_config("--config.train.num_steps=2", "--config.train.checkpoint_every=2", *extra)
+        with pytest.raises((ValueError, RuntimeError, ckpt_lib.CheckpointError), match=cause):
+            loop.train_stage(bad, tmp_path, "base", data=_data(bad), quiet=True)
+        assert _tree_bytes(tmp_path / "base") == before, extra
+    model, params, _ = workdir.load_stage_params(tmp_path, "base")  # real arrays, the trained architecture
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))

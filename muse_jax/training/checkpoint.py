@@ -146,7 +146,7 @@ class Checkpointer:
             try:
                 restored = self._restore_step(s, target, data_iterator)
             except Exception as e:  # unreadable: try the previous one
-                errors.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
+                errors.append(f"step {s}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
                 failed.append(s)
                 log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one", s, self.directory, e)
                 continue
@@ -169,6 +169,7 @@ class Checkpointer:
             items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         state = restored["state"]
+        _refuse_placeholders(state, step)
         bad = [
             jax.tree_util.keystr(path)
             for (path, x), t in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree_util.tree_leaves(target))
@@ -188,6 +189,16 @@ class Checkpointer:
                 paths.rmtree(dst)
             src.rename(dst)
         self._manager.reload()
+
+
+def _refuse_placeholders(tree, step: int) -> None:
+    """A partial restore hands back the target's ShapeDtypeStructs where the checkpoint has no array: refuse
+    that, so that no caller ever gets placeholders for parameters."""
+    missing = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+               if isinstance(x, jax.ShapeDtypeStruct)]
+    if missing:
+        raise CheckpointError(f"step {step} holds no {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                              f"({len(missing)} arrays): a checkpoint of another model config?")
 
 
 def _absolute(directory):
@@ -218,7 +229,12 @@ def restore_subtree(directory, target: Mapping[str, Any], step: int | None = Non
                 out = reader.restore(directory / str(s) / "state", args=ocp.args.PyTreeRestore(
                     item=target, restore_args=restore_args, partial_restore=True))
         except Exception as e:  # unreadable: try the previous one
-            errors.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
+            errors.append(f"step {s}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            continue
+        try:
+            _refuse_placeholders(out, s)
+        except CheckpointError as e:
+            errors.append(str(e))
             continue
         bad = [jax.tree_util.keystr(p) for (p, x), t in zip(jax.tree_util.tree_leaves_with_path(out),
                                                           jax.tree_util.tree_leaves(target))

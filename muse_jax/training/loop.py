@@ -230,10 +230,8 @@ def train_stage(
     workdir = workdir_lib.path(workdir)
     config = stage_config(config, stage)
     t = config.train
-    precision.check(t.get("matmul_precision", "default"))  # before anything is written
+    check_train_values(t)  # before anything is written
     out_dir = workdir_lib.stage_dir(workdir, stage)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.save_config(config, out_dir / "config.json")
     num_steps = int(t.num_steps)
     end = num_steps if stop_at is None else min(int(stop_at), num_steps)
 
@@ -270,6 +268,10 @@ def train_stage(
             state = jax.jit(lambda r: nn.unbox(create(r)), out_shardings=shardings)(init_rng)
     if start == 0 and t.get("init_from", ""):  # outside axis_rules, like the restore target above
         state = state_lib.warm_start(state, shardings, workdir, stage, str(t.init_from), mesh, rules, quiet)
+    # The config the stage is trained with: written once the checks, the restore and the warm start have
+    # passed, so that a refused `train` leaves the config of a working stage as it was.
+    if jax.process_index() == 0:
+        config_lib.save_config(config, out_dir / "config.json")
 
     batch_keys = {k: np.asarray(v).ndim + 1 for k, v in data.first_example().items()}
     empty = {k: jnp.asarray(v) for k, v in data.empty_text.items()}
@@ -362,6 +364,16 @@ def train_stage(
         "seconds_per_step": sec, "tokens_per_s": tokens_per_step / sec if step_times else float("nan"),
         "params": n_params, "state": state,
     }
+
+
+def check_train_values(t) -> None:
+    """Refuses `config.train` values no run can use, naming the field."""
+    precision.check(t.get("matmul_precision", "default"))
+    for name, least in (("batch_size", 1), ("num_steps", 1), ("log_every", 1), ("checkpoint_every", 1),
+                        ("sample_every", 0), ("keep_checkpoints", 1)):
+        value = t.get(name, least)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise ValueError(f"config.train.{name}={value!r}: must be an integer >= {least}")
 
 
 def skipped_records(it) -> dict[str, int]:
