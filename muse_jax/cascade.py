@@ -396,7 +396,7 @@ class Pipeline:
             masks = masks[None]
         if masks.shape != images.shape[:3]:
             raise ValueError(f"mask shape {masks.shape} does not match the images {images.shape[:3]}")
-        return images, masks != 0
+        return images, image_ops.regenerate_mask(masks)
 
     def _encode(self, images: np.ndarray, stage: str) -> np.ndarray:
         """Images -> `stage`'s tokens: its tokenizer on the images area-downsampled to its size."""
@@ -466,13 +466,18 @@ class Pipeline:
         return self._decode_images(sr, "superres")
 
     def inpaint(self, images, masks, prompts: Sequence[str], *, seed: int = 0, **overrides) -> np.ndarray:
-        """Inpainting / outpainting (Muse 3.3): regenerate the masked pixels (mask nonzero) at both
-        scales; uint8 [B, S, S, 3] -> uint8 [B, S, S, 3], pixels outside the masks unchanged."""
+        """Inpainting / outpainting (Muse 3.3): regenerate the masked pixels (`image_ops.regenerate_mask`: True,
+        >= 128 in uint8, >= 0.5 in floats) at both scales; uint8 [B, S, S, 3] -> uint8 [B, S, S, 3], pixels
+        outside the masks unchanged."""
         opts = self._options(overrides)
         if opts.inpaint_schedule:
             opts = dataclasses.replace(opts, schedule=opts.inpaint_schedule)
         images, masks = self._check_images(images, masks)
         prompts = self._check_prompts(prompts, images.shape[0])
+        empty = ~masks.reshape(masks.shape[0], -1).any(axis=1)
+        if empty.any():
+            warnings.warn(f"{int(empty.sum())} of {len(empty)} masks select no pixel (white = regenerate: True, "
+                          f">= 128, or >= 0.5 for floats); those images come back unchanged", UserWarning, stacklevel=2)
         key = jax.random.key(seed)
         low_tokens = self._encode(images, "base")
         low_mask = image_ops.token_mask_from_pixels(masks, self.image_size // self.base.grid_size)
@@ -520,7 +525,15 @@ def read_prompts_file(path) -> list[str]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompts file {path}, line {number}: not UTF-8 text ({e.reason} at byte {e.start})") \
+                from None
+        if line:
+            prompts.append(line)
     if not prompts:
         raise ValueError(f"prompts file {path} holds no prompts")
     return prompts
@@ -538,7 +551,7 @@ def load_image(path, size: int) -> np.ndarray:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
-    img = PIL.ImageOps.exif_transpose(PIL.Image.open(path)).convert("RGB")  # a phone photo as it is shown
+    img = PIL.ImageOps.exif_transpose(_open_image(path)).convert("RGB")  # a phone photo as it is shown
     if img.size != (size, size):
         if img.size[0] != img.size[1]:
             raise ValueError(f"image {path} is {img.size[0]}x{img.size[1]}; this pipeline needs a square image "
@@ -550,21 +563,30 @@ def load_image(path, size: int) -> np.ndarray:
 
 
 def load_mask(path, image_path, size: int) -> np.ndarray:
-    """A mask image (nonzero / white = regenerate) of the same size as the image -> bool [size, size]."""
+    """A mask image of the same size as the image -> bool [size, size]: white (>= 128) = regenerate."""
     import PIL.Image
     import PIL.ImageOps
 
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"mask {path} does not exist")
-    mask = PIL.ImageOps.exif_transpose(PIL.Image.open(path)).convert("L")
-    image_size = PIL.ImageOps.exif_transpose(PIL.Image.open(image_path)).size
+    mask = PIL.ImageOps.exif_transpose(_open_image(path)).convert("L")
+    image_size = PIL.ImageOps.exif_transpose(_open_image(image_path)).size
     if mask.size != image_size:
         raise ValueError(f"mask {path} is {mask.size[0]}x{mask.size[1]} but image {image_path} is "
                          f"{image_size[0]}x{image_size[1]}; they must be the same size")
     if mask.size != (size, size):
         mask = mask.resize((size, size), PIL.Image.NEAREST)
-    return np.asarray(mask) >= 128
+    return image_ops.regenerate_mask(np.asarray(mask))
+
+
+def _open_image(path):
+    import PIL.Image
+
+    try:
+        return PIL.Image.open(path)
+    except (PIL.UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not an image PIL can read ({type(e).__name__})") from None
 
 
 def save_png(image: np.ndarray, path) -> pathlib.Path:

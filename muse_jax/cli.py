@@ -6,6 +6,7 @@ Commands that take `--config` also accept `--config.field=value` overrides.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 
@@ -191,6 +192,15 @@ def _edit(args, overrides):
     print(f"wrote {cascade.save_png(out[0], args.out)}")
 
 
+class _Once(argparse.Action):
+    """An option that may be given once (a second --prompt would silently replace the first)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice; use --prompts-file for several prompts")
+        setattr(namespace, self.dest, values)
+
+
 def _add_sampling_args(p):
     p.add_argument("--workdir", required=True, help="a workdir with a trained tokenizer and stages")
     p.add_argument("--steps", type=int, help="base decoding steps (default: config.sample.steps)")
@@ -232,8 +242,13 @@ def _plan(args, overrides):
         pathlib.Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
+OVERRIDES_HELP = ("Any field of the config can be set after the flags: --config.FIELD=VALUE, e.g. "
+                  "--config.train.lr=1e-3 --config.mesh.fsdp=-1 (muse_jax/configs/ lists the fields).")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="muse-jax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="muse-jax", description=__doc__.splitlines()[0],
+                                     epilog="Errors print one line; MUSE_JAX_DEBUG=1 shows the traceback.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="dataset", required=True)
@@ -296,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="text-to-image sampling with a trained workdir")
     _add_sampling_args(p)
-    p.add_argument("--prompt", help="one prompt")
+    p.add_argument("--prompt", action=_Once, help="one prompt")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--num", type=int, default=4, help="samples per prompt")
     p.add_argument("--out", help="grid PNG (one row per prompt)")
@@ -308,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="input PNG; a square image of another size is resized "
                    "with a warning, a non-square one is refused")
     p.add_argument("--mask", help="mask PNG of the image's size, white = regenerate (omit: mask-free editing)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, action=_Once)
     p.add_argument("--iterations", type=int, help="mask-free editing iterations (default: config.sample)")
     p.add_argument("--fraction", type=float, help="mask-free editing: share of tokens re-sampled per iteration")
     p.add_argument("--strength", type=float,
@@ -377,7 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers-from", help="e.g. 2,4: compile with 2 and 4 blocks and extrapolate to the "
                    "config's depth (fast for deep models)")
     p.set_defaults(fn=_plan)
+    for command in sub.choices.values():  # the commands that take --config also take overrides
+        if any("--config" in a.option_strings for a in command._actions):
+            command.epilog = OVERRIDES_HELP
     return parser
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line that names its cause (a KeyError's message is its first argument)."""
+    text = e.args[0] if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str) else str(e)
+    text = " ".join(text.split())
+    if isinstance(e, (ValueError, FileNotFoundError)) and type(e).__module__ == "builtins":
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,11 +414,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     try:
         args.fn(args, overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"muse-jax {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001  (every error a user can cause: one line, exit 2)
+        if os.environ.get("MUSE_JAX_DEBUG", "") not in ("", "0"):
+            raise
+        expected = isinstance(e, (ValueError, FileNotFoundError))
+        hint = "" if expected else " (MUSE_JAX_DEBUG=1 shows the traceback)"
+        print(f"muse-jax {args.command}: error: {one_line(e)}{hint}", file=sys.stderr)
         from muse_jax import distributed
 
-        distributed.exit_now(2, str(e))  # multi-process: leave now so the other processes stop too
+        distributed.exit_now(2, one_line(e))  # multi-process: leave now so the other processes stop too
         return 2
     return 0
 

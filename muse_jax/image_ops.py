@@ -1,6 +1,7 @@
 """Image operations shared by training, editing and evaluation (numpy, uint8 NHWC).
 
   downsample_area(images, f)       the mean of each f x f block (the base stage's view of an image)
+  regenerate_mask(mask)            the one mask rule: True, >= 128 (uint8 / a mask image), >= 0.5 (floats)
   token_mask_from_pixels(mask, f)  a pixel mask -> the tokens it touches
   upsample_nearest(x, f)           each pixel repeated f x f times ([B, h, w, ...] -> [B, h*f, w*f, ...])
   upsample_mask(mask, f)           a token mask -> pixels (nearest)
@@ -22,6 +23,19 @@ def downsample_area(images, factor: int) -> np.ndarray:
         raise ValueError(f"image size {h}x{w} is not divisible by {factor}")
     mean = x.reshape(b, h // factor, factor, w // factor, factor, c).astype(np.float32).mean(axis=(2, 4))
     return np.clip(np.round(mean), 0, 255).astype(np.uint8)
+
+
+def regenerate_mask(mask) -> np.ndarray:
+    """Which pixels a mask regenerates, bool: white ones. True in a bool mask; >= 128 in an integer mask
+    (a mask image: anti-aliased grey edges under 128 are kept); >= 0.5 in a float mask."""
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        return mask
+    if np.issubdtype(mask.dtype, np.integer):
+        return mask >= 128
+    if np.issubdtype(mask.dtype, np.floating):
+        return mask >= 0.5
+    raise ValueError(f"a mask must be bool, integer (white >= 128) or float (>= 0.5), got dtype {mask.dtype}")
 
 
 def token_mask_from_pixels(pixel_mask, factor: int) -> np.ndarray:
