@@ -5,16 +5,23 @@
 How it works: the process pretends to have N CPU devices (`--xla_force_host_platform_device_count`,
 set before JAX starts), builds the mesh and the training state's shardings exactly as `muse-jax
 train` does, and lowers and compiles `make_train_step` on abstract inputs (`jax.ShapeDtypeStruct`;
-no parameter is allocated). From the compiled SPMD program of one device it reads
-  - XLA's memory analysis: arguments (state + batch shard), outputs, aliased (donated) bytes and
+no parameter is allocated). The step is the one `train` runs for the config (`step_source`): for
+streamed real data (the paper configs) the batch holds uint8 images at the stage's pixels and
+caption ids, and the step runs the frozen VQGAN tokenizer(s) and, with `config.text.trainable=False`,
+the frozen T5 encoder (training/online.py `Prepare.abstract`: their parameters abstract too, sharded
+by their logical axes); with `config.data.source="tokens"` only the frozen T5 runs in the step; the
+shapes token cache feeds tokens and cached T5 embeddings. From the compiled SPMD program of one
+device it reads
+  - XLA's memory analysis: arguments (state, frozen parameters, batch shard), outputs, aliased (donated) bytes and
     temporaries (activations, gradients, workspace), hence the peak per device;
   - XLA's cost analysis: FLOPs and bytes accessed per device per step;
   - the collectives in the optimised HLO (all-gather, reduce-scatter, all-reduce, ...): bytes each
     device sends per step.
 With an accelerator's peak FLOP/s and interconnect bandwidth (`ACCELERATORS`), the step time is
 bounded below by max(compute at peak, communication) (perfect overlap); the predicted step time
-is compute at EFFICIENCY (50 %) of peak plus communication, not overlapped; MFU = model FLOPs
-(analytic, no remat) / (step time x devices x peak).
+is compute at EFFICIENCY (50 %) of peak plus communication, not overlapped; MFU = the transformer's
+model FLOPs (analytic, no remat; as `train`'s perf/mfu) / (step time x devices x peak): the frozen
+encoders' forward passes take step time but are not counted as model FLOPs.
 Real steps are slower than the lower bound (no kernel reaches peak); the HBM-traffic time from
 XLA:CPU's bytes accessed is shown for reference only (CPU fusion is far coarser).
 
@@ -29,8 +36,11 @@ schedule does not realise the memory saving of rematerialisation (its temporarie
 with remat, although the recomputation shows in its FLOPs), and it keeps FSDP gradient reductions
 as all-reduce where TPU/GPU compilers emit reduce-scatter (half the traffic). So "fits" is decided
 on exact state bytes (from the shardings) + one gradient per parameter + the analytic saved
-activations (`analytic_activation_bytes`) <= 90 % of HBM; XLA:CPU's peak is shown beside it.
-The analytic count (`analytic_train_flops`) cross-checks the FLOPs.
+activations (`analytic_activation_bytes`) + the frozen encoders' parameter shards <= 90 % of HBM
+(the frozen forward passes save nothing for the backward pass; their transient activations are
+not counted); XLA:CPU's peak is shown beside it. The analytic count (`analytic_train_flops`, plus
+`analytic_t5_encoder_flops` and `analytic_vqgan_encoder_flops` for the frozen encoders in the
+step) cross-checks the FLOPs.
 """
 from __future__ import annotations
 
@@ -211,6 +221,67 @@ def analytic_train_flops(model_config, batch: int, text_length: int, remat: bool
     return {"forward": fwd, "model": float(model), "executed": float(executed)}
 
 
+def analytic_t5_encoder_flops(t5_config, batch: int, length: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of a T5 encoder's forward pass on `batch` texts of `length` ids.
+
+    Per layer with width d, h heads of width k and feed-forward width f, on L positions: the q, k,
+    v projections 6·L·d·h·k, scores and weighted sum 4·L²·h·k, the output projection 2·L·h·k·d,
+    the feed-forward 4·L·d·f, or 6·L·d·f gated (wi_0, wi_1, wo). The embedding and the relative
+    position bias are gathers (no FLOPs).
+    """
+    c = t5_config
+    L, d, hk, f = length, c.d_model, c.num_heads * c.d_kv, c.d_ff
+    gated = str(c.feed_forward_proj).startswith("gated")
+    per_layer = 8 * L * d * hk + 4 * L * L * hk + (6 if gated else 4) * L * d * f
+    return float(batch * c.num_layers * per_layer)
+
+
+def analytic_vqgan_encoder_flops(vqgan_config, batch: int, image_size: int) -> float:
+    """Conv and matmul FLOPs (2 per multiply-add) of a VQGAN's `encode` on `batch` square images.
+
+    A k x k convolution from C to C' channels costs 2·C·C' per kernel tap that lands on the image:
+    with zero padding ("SAME", stride 1) an n-pixel side has 3n - 2 such taps for k = 3 (n for
+    k = 1), the stride-2 downsampling on the image padded right and bottom 3·n/2 - 1 (XLA's cost
+    analysis counts the same taps). The encoder: conv_in; per resolution `num_res_blocks` residual
+    blocks (two 3x3 convs, a 1x1 shortcut where the width changes) and a downsampling conv between
+    resolutions ("avgpool": no FLOPs); the middle block (two residual blocks, with `mid_attention`
+    a single-head attention over the n = s² positions: 8·n·C² + 4·n²·C); conv_out to the latent
+    channels, the 1x1 quant_conv (`quant_conv`) and the nearest-code search 2·n·K·code_dim.
+    Norms and activations are elementwise (not counted).
+    """
+    c = vqgan_config
+    channels = [int(x) for x in c.channels]
+
+    def conv(cin, cout, taps):  # taps per side
+        return 2 * cin * cout * taps * taps
+
+    def conv3(cin, cout, n):
+        return conv(cin, cout, 3 * n - 2)
+
+    def res(cin, cout, n):
+        return conv3(cin, cout, n) + conv3(cout, cout, n) + (conv(cin, cout, n) if cin != cout else 0)
+
+    n = int(image_size)
+    flops = conv3(getattr(c, "in_channels", 3), channels[0], n)
+    width = channels[0]
+    for i, ch in enumerate(channels):
+        for _ in range(c.num_res_blocks):
+            flops += res(width, ch, n)
+            width = ch
+        if i < len(channels) - 1:
+            if c.downsample == "conv":
+                flops += conv(ch, ch, 3 * (n // 2) - 1)
+            n //= 2
+    flops += 2 * res(width, width, n)
+    if getattr(c, "mid_attention", False):
+        flops += 8 * n * n * width * width + 4 * (n * n) ** 2 * width
+    flops += conv3(width, c.latent_channels, n)
+    if getattr(c, "quant_conv", False):
+        flops += conv(c.latent_channels, c.code_dim, n)
+    flops += 2 * n * n * c.codebook_size * c.code_dim
+    return float(batch * flops)
+
+
 def _positions(c) -> int:
     """Positions of the predicting stack: one per patch_size² tokens."""
     return (c.grid_size // getattr(c, "patch_size", 1)) ** 2
@@ -277,9 +348,10 @@ def analytic_activation_bytes(model_config, batch: int, text_length: int, remat:
 
 def compute_flops_per_device(model_config, text_length: int, xla_per_device: float, analytic_executed: float,
                              num_devices: int) -> float:
-    """FLOPs per device for the compute time: XLA's count, or the analytic executed count when larger
-    and the stage runs blockwise attention (XLA's cost analysis counts a loop's body once, not once
-    per iteration, so it misses most of the blockwise scans' work)."""
+    """FLOPs per device for the compute time: XLA's count, or the analytic count of all the step
+    executes (`analytic_executed`: the transformer with remat, plus the frozen encoders it runs) when
+    larger and the stage runs blockwise attention (XLA's cost analysis counts a loop's body once, not
+    once per iteration, so it misses most of the blockwise scans' work)."""
     attention = getattr(model_config, "attention", "xla")
     loops = any(attention_path(attention, lq, lk) == "blockwise" for lq, lk, _ in _attention_calls(model_config, text_length))
     return max(xla_per_device, analytic_executed / num_devices) if loops else xla_per_device
@@ -426,6 +498,48 @@ def collective_bytes(hlo_text: str, num_devices: int, *, by_group: bool = False)
 # ----------------------------------------------------------------------------- the plan
 
 
+def step_source(config) -> str:
+    """What the batches of `muse-jax train` hold for `config` (training/loop.py `workdir_stage_data`):
+    "images" (real data streamed: uint8 images and caption ids, tokenized in the step by the frozen
+    VQGAN(s), with a frozen T5 there too), "tokens" (`config.data.source="tokens"`: tokens computed once,
+    caption ids; a frozen T5 runs in the step) or "cache" (shapes: the token cache, and the frozen T5's
+    embeddings cached once)."""
+    if config.data.get("name") == "shapes":
+        return "cache"
+    return "tokens" if config.data.source == "tokens" else "images"
+
+
+def in_step_flops(config, stage: str, batch: int, text_length: int) -> dict[str, float]:
+    """Analytic FLOPs of the frozen encoders that `stage`'s train step runs on `batch` examples (forward
+    only, no gradients): {"t5_encoder": ..., "vqgan_encoder": ...}, 0 for what it does not run.
+
+    Streamed images go through the stage's tokenizer at its pixels (`config.<stage>.grid_size` x its
+    factor) and, for super-res, through the base stage's too (the low-res tokens); a frozen T5
+    (`config.text.trainable=False`) encodes the caption ids unless the embeddings are cached.
+    """
+    from muse_jax.models import t5
+    from muse_jax.training import online
+
+    source = step_source(config)
+    out = {"t5_encoder": 0.0, "vqgan_encoder": 0.0}
+    if source != "cache" and not config.text.trainable:
+        out["t5_encoder"] = analytic_t5_encoder_flops(t5.T5Config.coerce(config.text.encoder), batch, text_length)
+    if source == "images":
+        for s in ("base",) if stage == "base" else ("base", "superres"):
+            vcfg = online.stage_vqgan_config(config, s)
+            out["vqgan_encoder"] += analytic_vqgan_encoder_flops(vcfg, batch, int(config[s].grid_size) * vcfg.factor)
+    return out
+
+
+def _analytic_flops(transformer: Mapping[str, float], in_step: Mapping[str, float]) -> dict[str, float]:
+    """The plan's analytic FLOPs: the transformer's (`analytic_train_flops`), the frozen encoders' in the
+    step, and `analytic_step`, all that the step executes (the transformer with remat + the encoders)."""
+    return {"analytic_model": transformer["model"], "analytic_executed": transformer["executed"],
+            "analytic_forward": transformer["forward"], "analytic_t5_encoder": in_step["t5_encoder"],
+            "analytic_vqgan_encoder": in_step["vqgan_encoder"],
+            "analytic_step": transformer["executed"] + in_step["t5_encoder"] + in_step["vqgan_encoder"]}
+
+
 def _tree_bytes_per_device(tree, shardings) -> int:
     import jax
 
@@ -473,7 +587,7 @@ def plan(
     from muse_jax import workdir as workdir_lib
     from muse_jax.models import transformer as transformer_lib
     from muse_jax.training import checkpoint as ckpt_lib
-    from muse_jax.training import partitioning
+    from muse_jax.training import online, partitioning
     from muse_jax.training import state as state_lib
     from muse_jax.training import step as step_lib
 
@@ -500,17 +614,28 @@ def plan(
     state = ckpt_lib.abstract_with_shardings(nn.unbox(abstract), shardings)
 
     inputs = transformer_lib.dummy_inputs(model, B, L)
-    if "text_emb" in inputs:  # cached frozen embeddings arrive in their cache dtype
+    empty = {k: jnp.zeros(v.shape[1:], v.dtype) for k, v in inputs.items() if k.startswith("text")}
+    source = step_source(config)
+    prepare = None
+    if source == "images":  # uint8 images at the stage's pixels and caption ids; tokens (and T5) in the step
+        prepare = online.Prepare.abstract(config, stage, mesh=jmesh, rules=rules)
+        px = prepare.image_size
+        inputs = {"image": jax.ShapeDtypeStruct((B, px, px, 3), jnp.uint8),
+                  "text_ids": jax.ShapeDtypeStruct((B, L), jnp.int32), "text_mask": inputs["text_mask"]}
+    elif source == "tokens" and "text_emb" in inputs:  # the tokens as read; the frozen T5 in the step
+        prepare = online.Prepare.abstract_text_only(config, mesh=jmesh, rules=rules)
+        inputs["text_ids"] = jax.ShapeDtypeStruct((B, L), jnp.int32)
+        del inputs["text_emb"]
+    elif "text_emb" in inputs:  # cached frozen embeddings arrive in their cache dtype
         cache_dtype = jnp.dtype(config.text.get("cache_dtype", "float32"))
         inputs["text_emb"] = jax.ShapeDtypeStruct(inputs["text_emb"].shape, cache_dtype)
     batch_keys = {k: len(v.shape) for k, v in inputs.items()}
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=partitioning.batch_sharding(jmesh, rules, v.ndim))
              for k, v in inputs.items()}
-    empty = {k: jnp.zeros(v.shape[1:], v.dtype) for k, v in inputs.items() if k.startswith("text")}
     train_step = step_lib.make_train_step(config, model, jmesh, shardings, empty_text=empty, rules=rules,
-                                          batch_keys=batch_keys)
+                                          batch_keys=batch_keys, prepare=prepare)
     with partitioning.axis_rules(jmesh, rules):
-        lowered = train_step.jitted.lower(state, batch, jax.random.key(0), None)
+        lowered = train_step.jitted.lower(state, batch, jax.random.key(0), None if prepare is None else prepare.frozen)
     t_lower = time.perf_counter() - t0
     compiled = lowered.compile()
     t_compile = time.perf_counter() - t0 - t_lower
@@ -524,10 +649,12 @@ def plan(
     params_b = _tree_bytes_per_device(state.params, shardings.params)
     opt_b = _tree_bytes_per_device(state.opt_state, shardings.opt_state)
     ema_b = _tree_bytes_per_device(state.ema_params, shardings.ema_params) if state.ema_params is not None else 0
+    frozen_b = _tree_bytes_per_device(prepare.frozen, prepare.shardings) if prepare is not None else 0
     arg_b, out_b = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
     alias_b, temp_b = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
     mcfg = model.config
     analytic = analytic_train_flops(mcfg, B, L)
+    in_step = in_step_flops(config, stage, B, L)
     axes = partitioning._batch_axes(rules)  # noqa: SLF001 (the rules' batch axes)
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     batch_shards = math.prod(jmesh.shape[a] for a in axes)
@@ -535,23 +662,22 @@ def plan(
     p = {
         "config": {"stage": stage, "batch_size": B, "batch_per_device": B // batch_shards, "text_length": L,
                    "remat": bool(mcfg.remat), "dtype": mcfg.dtype, "attention": mcfg.attention, "optimizer": config.train.optimizer,
-                   "params": transformer_lib.count_params(state.params)},
+                   "params": transformer_lib.count_params(state.params), "step_source": source,
+                   "image_size": prepare.image_size if prepare is not None else 0,
+                   "frozen_params": transformer_lib.count_params(prepare.frozen) if prepare is not None else 0},
         "mesh": sizes,
         "num_devices": n,
         "memory_per_device": {
-            "params": params_b, "optimizer_state": opt_b, "ema_params": ema_b,
+            "params": params_b, "optimizer_state": opt_b, "ema_params": ema_b, "frozen_params": frozen_b,
             "arguments": arg_b, "outputs": out_b, "aliased": alias_b, "temporaries": temp_b,
             "peak": arg_b + out_b - alias_b + temp_b,
             "activations_analytic": activations,
             "activations_analytic_by_attention": _activations_by_attention(mcfg, B // batch_shards, L),
-            # what must fit at least: the state, one gradient per parameter, the saved activations
-            "state_grads_activations": params_b + opt_b + ema_b + params_b + activations,
+            # what must fit at least: the state, one gradient per parameter, the saved activations and
+            # the frozen encoders' parameters that the step runs
+            "state_grads_activations": params_b + opt_b + ema_b + params_b + activations + frozen_b,
         },
-        "flops": {
-            "xla_per_device": float(cost.get("flops", 0.0)),
-            "analytic_model": analytic["model"], "analytic_executed": analytic["executed"],
-            "analytic_forward": analytic["forward"],
-        },
+        "flops": {"xla_per_device": float(cost.get("flops", 0.0)), **_analytic_flops(analytic, in_step)},
         "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
         "collective_bytes_per_device": comm,
         "collective_bytes_by_group": comm_groups,
@@ -560,7 +686,7 @@ def plan(
     }
     p["flops"]["xla_total"] = p["flops"]["xla_per_device"] * n
     p["flops"]["compute_per_device"] = compute_flops_per_device(mcfg, L, p["flops"]["xla_per_device"],
-                                                                analytic["executed"], n)
+                                                                p["flops"]["analytic_step"], n)
     p["estimates"] = {a: estimate(p, a) for a in accs}
     return p
 
@@ -610,15 +736,15 @@ def plan_extrapolated(config, mesh, accelerators=("tpu_v4",), *, layers_from=(2,
     analytic = analytic_train_flops(mcfg, B, L)
     n = p["num_devices"]
     p["flops"] = {"xla_per_device": _lerp(small[0]["flops"]["xla_per_device"], small[1]["flops"]["xla_per_device"], t),
-                  "analytic_model": analytic["model"], "analytic_executed": analytic["executed"],
-                  "analytic_forward": analytic["forward"]}
+                  **_analytic_flops(analytic, in_step_flops(full, stage, B, L))}
     p["flops"]["xla_total"] = p["flops"]["xla_per_device"] * n
     p["flops"]["compute_per_device"] = compute_flops_per_device(mcfg, L, p["flops"]["xla_per_device"],
-                                                                analytic["executed"], n)
+                                                                p["flops"]["analytic_step"], n)
     m = p["memory_per_device"]
     m["activations_analytic"] = analytic_activation_bytes(mcfg, p["config"]["batch_per_device"], L)
     m["activations_analytic_by_attention"] = _activations_by_attention(mcfg, p["config"]["batch_per_device"], L)
-    m["state_grads_activations"] = m["params"] * 2 + m["optimizer_state"] + m["ema_params"] + m["activations_analytic"]
+    m["state_grads_activations"] = (m["params"] * 2 + m["optimizer_state"] + m["ema_params"] + m["activations_analytic"]
+                                    + m.get("frozen_params", 0))
     p["extrapolated_from_layers"] = [a, b]
     p["estimates"] = {name: estimate(p, name) for name in accs}
     return p
@@ -656,6 +782,8 @@ def estimate(p: Mapping[str, Any], accelerator_name: str, efficiency: float = EF
     """Step time bounds, a predicted step time, MFU and whether the state fits, on `accelerator_name`.
 
     predicted = compute / efficiency + communication (kernels at `efficiency` x peak, no overlap).
+    The compute includes the frozen encoders that the step runs; MFU counts the transformer's model
+    FLOPs only (`analytic_model`, as `train`'s perf/mfu does).
     """
     acc = accelerator(accelerator_name)
     n = p["num_devices"]
@@ -688,21 +816,31 @@ def format_plan(p: Mapping[str, Any]) -> str:
     """A human-readable summary of `plan`'s result."""
     c, m, f = p["config"], p["memory_per_device"], p["flops"]
     mesh = ",".join(f"{k}={v}" for k, v in p["mesh"].items())
+    frozen = [name for name, key in (("T5 encoder", "analytic_t5_encoder"), ("VQGAN encoder(s)", "analytic_vqgan_encoder"))
+              if f.get(key)]
+    source = {"images": f"{c.get('image_size')} px images and caption ids, tokenized in the step",
+              "tokens": "tokens computed once and caption ids", "cache": "cached tokens and text"}
     lines = [
         f"plan: {c['stage']} ({c['params'] / 1e9:.3f}B params, {c['dtype']}, {c['optimizer']}, remat={c['remat']}), "
         f"batch {c['batch_size']}, text length {c['text_length']}, mesh {mesh} ({p['num_devices']} devices)",
-        "memory per device (state: exact from the shardings; the rest: XLA memory analysis):",
+        f"step input: {source.get(c.get('step_source', 'cache'))}"
+        + (f"; frozen in the step: {', '.join(frozen)}" if frozen else ""),
+        "memory per device (state and frozen parameters: exact from the shardings; the rest: XLA memory analysis):",
         f"  params {_gib(m['params'])}, optimizer state {_gib(m['optimizer_state'])}"
         + (f", ema {_gib(m['ema_params'])}" if m["ema_params"] else ""),
+        *([f"  frozen parameters ({', '.join(frozen)}; {c['frozen_params'] / 1e9:.3f}B) {_gib(m['frozen_params'])}"]
+          if m.get("frozen_params") else []),
         f"  arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])}, aliased (donated) {_gib(m['aliased'])}, "
         f"temporaries (activations, gradients) {_gib(m['temporaries'])}",
         f"  peak {_gib(m['peak'])} (XLA:CPU); analytic saved activations {_gib(m['activations_analytic'])}; "
-        f"state + grads + activations {_gib(m['state_grads_activations'])}",
+        f"state + grads + activations{' + frozen' if m.get('frozen_params') else ''} {_gib(m['state_grads_activations'])}",
         "  analytic saved activations by attention: "
         + ", ".join(f"{a} {_gib(b)}" for a, b in m.get("activations_analytic_by_attention", {}).items())
         + f" (this config: {c.get('attention', 'xla')})",
-        f"FLOPs per step: XLA {f['xla_total']:.3e} ({f['xla_per_device']:.3e} per device); analytic: model "
-        f"{f['analytic_model']:.3e}, executed with remat {f['analytic_executed']:.3e}"
+        f"FLOPs per step: XLA {f['xla_total']:.3e} ({f['xla_per_device']:.3e} per device); analytic: transformer "
+        f"model {f['analytic_model']:.3e}, executed with remat {f['analytic_executed']:.3e}"
+        + (f"; frozen forward: T5 encoder {f.get('analytic_t5_encoder', 0.0):.3e}, VQGAN encoder(s) "
+           f"{f.get('analytic_vqgan_encoder', 0.0):.3e}; step {f['analytic_step']:.3e}" if frozen else "")
         + ("; compute time from the analytic count (XLA counts the blockwise attention's loop bodies once)"
            if f.get("compute_per_device", f["xla_per_device"]) != f["xla_per_device"] else ""),
         f"HBM traffic per device (XLA estimate): {p['bytes_accessed_per_device'] / 1e9:.2f} GB",
@@ -713,11 +851,13 @@ def format_plan(p: Mapping[str, Any]) -> str:
         t, acc = e["step_time_s"], e["accelerator"]
         lines.append(
             f"{name} ({acc['name']}, {_gib(acc['hbm_bytes'])}): {'fits' if e['fits'] else 'DOES NOT FIT'} "
-            f"(state+grads+activations <= 90% HBM; XLA:CPU peak {'fits' if e['fits_xla_cpu_peak'] else 'too big'}); "
+            f"(state+grads+activations{'+frozen' if m.get('frozen_params') else ''} <= 90% HBM; "
+            f"XLA:CPU peak {'fits' if e['fits_xla_cpu_peak'] else 'too big'}); "
             f"step: compute at peak {t['compute']:.3f}s, communication {t['communication']:.3f}s -> "
             f"bounds {t['lower_bound']:.3f}s (overlapped, at peak) .. {t['no_overlap']:.3f}s (serial); predicted "
             f"{t['predicted']:.3f}s at {t['efficiency']:.0%} of peak, MFU {e['mfu']['predicted']:.1%} "
-            f"(at most {e['mfu']['upper_bound']:.1%}) [HBM time per XLA:CPU bytes: {t['hbm']:.3f}s]"
+            f"(at most {e['mfu']['upper_bound']:.1%}{'; transformer FLOPs only' if frozen else ''}) "
+            f"[HBM time per XLA:CPU bytes: {t['hbm']:.3f}s]"
         )
     cs = p["compile_seconds"]
     if "extrapolated_from_layers" in p:

@@ -104,3 +104,45 @@ def test_a_frozen_t5_needs_its_checkpoint_and_sentencepiece_model(tmp_path):
     with pytest.raises(ValueError, match="needs config.text.spm_model"):
         workdir_lib.text_tokenizer(tmp_path, cfg.text, captions=lambda: ["a caption"])
     assert not (tmp_path / "text").exists()  # no vocabulary was trained for the pretrained T5
+
+
+
+LEAK = """
+import gc
+import sys
+sys.path.insert(0, "tests")
+import flax.linen as nn
+import jax
+import numpy as np
+from test_online import _config, _tokenizer
+from muse_jax.models import t5
+from muse_jax.training import online, partitioning
+
+cfg = _config()
+cfg.text.trainable = False
+module = t5.T5Encoder(t5.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
+ids = np.ones((1, int(cfg.text.max_length)), np.int32)
+params = jax.tree_util.tree_map(jax.numpy.asarray, nn.unbox(module.init(jax.random.key(0), ids)["params"]))
+shapes = {{tuple(x.shape) for x in jax.tree_util.tree_leaves(params) if x.size >= 64 * 32}}  # on device 0, as loaded
+mesh = partitioning.make_mesh({{"data": 1, "fsdp": -1, "tensor": 1}})
+rules = partitioning.logical_rules(cfg)
+if {text_only}:
+    prep = online.Prepare.text_only(cfg, (module, params), mesh=mesh, rules=rules)
+else:
+    prep = online.Prepare.build(cfg, "base", {{"base": _tokenizer(cfg)}}, mesh=mesh, rules=rules,
+                                text_encoder=(module, params))
+del params
+gc.collect()
+live = [x for x in jax.live_arrays() if tuple(x.shape) in shapes]
+print(sum(len(x.sharding.device_set) == 1 for x in live), sum(len(x.sharding.device_set) > 1 for x in live))
+"""
+
+
+@pytest.mark.parametrize("text_only", [True, False])
+def test_no_device_keeps_a_whole_frozen_t5_once_the_step_input_is_built(text_only):
+    """The loader's T5 parameters (on one device) are placed sharded, and the step input keeps no reference
+    to them: only the sharded copies stay alive."""
+    from _multidevice import run_with_devices
+
+    whole, sharded = map(int, run_with_devices(LEAK.format(text_only=text_only), n=4).split())
+    assert sharded > 0 and whole == 0

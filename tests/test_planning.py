@@ -220,3 +220,169 @@ def test_plan_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "muse_jax.cli", "plan", "--config", "shapes", "--mesh", "data=3",
                           "--batch-size", "8"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "batch size 8" in bad.stderr
+
+
+# A base stage that streams images (data.name other than "shapes"): the shared 32 px f4 VQGAN tokenizes them
+# in the step and a frozen 4-layer T5 encodes the captions there; the same config on the shapes token
+# cache reads cached embeddings instead.
+STREAMING = [
+    "--config.base.num_layers=2", "--config.base.width=128", "--config.base.mlp_dim=512", "--config.base.num_heads=4",
+    "--config.base.codebook_size=256", "--config.vqgan.codebook_size=256", "--config.base.text_dim=64",
+    "--config.text.trainable=False", "--config.text.max_length=16", "--config.train.batch_size=16",
+    "--config.text.encoder.vocab_size=96", "--config.text.encoder.d_model=64", "--config.text.encoder.d_kv=16",
+    "--config.text.encoder.num_heads=4", "--config.text.encoder.d_ff=512", "--config.text.encoder.num_layers=4",
+]
+
+
+@pytest.fixture(scope="module")
+def frozen_plans():
+    """Plans of the streaming config on 1 device and FSDP over 4, and of the cached one on 1 device."""
+    code = f"""
+import json
+from muse_jax import config as config_lib, planning
+stream = config_lib.load_config("shapes", {STREAMING!r} + ["--config.data.name=image_text"])
+cached = config_lib.load_config("shapes", {STREAMING!r})
+out = {{"stream": planning.plan(stream, "data=1", ("tpu_v4",)), "cached": planning.plan(cached, "data=1", ("tpu_v4",)),
+        "stream_fsdp": planning.plan(stream, "fsdp=4", ("tpu_v4",))}}
+out["report"] = planning.format_plan(out["stream_fsdp"])
+print("PLANS" + json.dumps(out))
+"""
+    stdout = run_with_devices(code, n=4, timeout=600)
+    line = [l for l in stdout.splitlines() if l.startswith("PLANS")][-1]
+    return json.loads(line[len("PLANS"):])
+
+
+def test_streaming_step_runs_the_frozen_encoders_and_their_flops_match(frozen_plans):
+    stream, cached = frozen_plans["stream"], frozen_plans["cached"]
+    assert stream["config"]["step_source"] == "images" and stream["config"]["image_size"] == 32
+    assert cached["config"]["step_source"] == "cache" and cached["config"]["frozen_params"] == 0
+    f, c = stream["flops"], cached["flops"]
+    assert c["analytic_t5_encoder"] == c["analytic_vqgan_encoder"] == 0 and c["analytic_step"] == c["analytic_model"]
+    # the same transformer; the streaming step adds the T5 and VQGAN forward passes
+    assert f["analytic_model"] == c["analytic_model"]
+    frozen = f["analytic_t5_encoder"] + f["analytic_vqgan_encoder"]
+    assert f["analytic_t5_encoder"] > 0.2 * frozen and f["analytic_vqgan_encoder"] > 0.2 * frozen
+    assert frozen > 0.1 * f["analytic_model"]
+    assert f["analytic_step"] == f["analytic_model"] + frozen  # no remat
+    assert f["xla_per_device"] == pytest.approx(f["analytic_step"], rel=0.05)
+    assert f["xla_per_device"] - c["xla_per_device"] == pytest.approx(frozen, rel=0.05)
+    # the compute time counts them; MFU counts the transformer's model FLOPs only
+    e = stream["estimates"]["tpu_v4"]
+    assert e["step_time_s"]["compute"] == pytest.approx(f["xla_per_device"] / planning.ACCELERATORS["tpu_v4"].peak_flops)
+    assert e["step_time_s"]["compute"] > cached["estimates"]["tpu_v4"]["step_time_s"]["compute"] * (1 + 0.9 * frozen / c["xla_per_device"])
+    fsdp = frozen_plans["stream_fsdp"]["flops"]
+    assert fsdp["xla_per_device"] == pytest.approx(f["xla_per_device"] / 4, rel=0.05)
+
+
+def _t5_params(d, h, k, f, layers, vocab, buckets=32):
+    """Parameters of a gated T5 encoder, by hand: embedding, relative position table, per layer two norms,
+    q/k/v/out and wi_0/wi_1/wo, the final norm."""
+    return vocab * d + buckets * h + layers * (2 * d + 4 * d * h * k + 3 * d * f) + d
+
+
+def test_memory_per_device_includes_the_frozen_parameter_shards(frozen_plans):
+    import flax.linen as nn
+    import jax
+
+    from muse_jax import config as config_lib
+    from muse_jax.models import vqgan
+    from muse_jax.training import online
+
+    cfg = config_lib.load_config("shapes", STREAMING)
+    vcfg = online.stage_vqgan_config(cfg, "base")
+    tok = jax.eval_shape(lambda: nn.unbox(vqgan.init_params(vcfg, jax.random.key(0), 32)))
+    codebook = vcfg.codebook_size * vcfg.code_dim
+    # what `encode` reads: the encoder and the codebook (the decoder is not placed)
+    n_vqgan = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tok["encoder"])) + codebook
+    n_t5 = _t5_params(d=64, h=4, k=16, f=512, layers=4, vocab=96)
+    stream, cached = frozen_plans["stream"], frozen_plans["cached"]
+    assert stream["config"]["frozen_params"] == n_t5 + n_vqgan
+    one, fsdp = stream["memory_per_device"], frozen_plans["stream_fsdp"]["memory_per_device"]
+    assert one["frozen_params"] == 4 * (n_t5 + n_vqgan)  # float32, whole on one device
+    # FSDP shards what has an `embed` axis: all of T5 but its relative position table, and the VQGAN's codebook
+    relpos = 32 * 4
+    assert fsdp["frozen_params"] == 4 * ((n_t5 - relpos + codebook) / 4 + relpos + n_vqgan - codebook)
+    # the plan's memory: the frozen shards beside the state, and in what must fit
+    assert one["arguments"] >= one["params"] + one["optimizer_state"] + one["frozen_params"]
+    assert one["state_grads_activations"] - cached["memory_per_device"]["state_grads_activations"] == one["frozen_params"]
+    report = frozen_plans["report"]
+    assert "frozen in the step: T5 encoder, VQGAN encoder(s)" in report
+    assert "frozen parameters (T5 encoder, VQGAN encoder(s); " in report and "state + grads + activations + frozen" in report
+
+
+def test_frozen_encoder_flops_by_hand():
+    """A 2-layer T5 (d=4, 3 heads of 2, d_ff=5, 7 ids) and an f2 VQGAN on 4 px images: every matmul and conv."""
+    t5 = types.SimpleNamespace(d_model=4, d_kv=2, num_heads=3, d_ff=5, num_layers=2, feed_forward_proj="gated-gelu")
+    L, d, hk, f = 7, 4, 6, 5
+    attention = 3 * (2 * L * d * hk) + 2 * (2 * L * L * hk) + 2 * L * hk * d  # q, k, v; scores, weighted sum; out
+    mlp = 2 * (2 * L * d * f) + 2 * L * f * d  # wi_0, wi_1; wo
+    assert planning.analytic_t5_encoder_flops(t5, 3, L) == 3 * 2 * (attention + mlp)
+    relu = types.SimpleNamespace(**dict(vars(t5), feed_forward_proj="relu"))
+    assert planning.analytic_t5_encoder_flops(relu, 3, L) == 3 * 2 * (attention + mlp - 2 * L * d * f)
+
+    vq = types.SimpleNamespace(channels=(2, 4), num_res_blocks=1, latent_channels=3, code_dim=3, codebook_size=5,
+                               in_channels=3, downsample="conv", mid_attention=False, quant_conv=False)
+    # kernel taps on the image per side: 3x3 "SAME" on 4 px: 3·4 - 2 = 10, on 2 px: 4; the stride-2 conv on
+    # 4 px padded to 5: 2 outputs x 3 taps, less the one on the padding: 5
+    conv_in = 2 * 3 * 2 * 10**2
+    level0 = 2 * (2 * 2 * 2 * 10**2)  # residual block 2 -> 2 at 4 px: two 3x3 convs
+    down = 2 * 2 * 2 * 5**2
+    level1 = 2 * 2 * 4 * 4**2 + 2 * 4 * 4 * 4**2 + 2 * 2 * 4 * 2**2  # 2 -> 4 at 2 px, 4 -> 4, 1x1 shortcut
+    mid = 2 * 2 * (2 * 4 * 4 * 4**2)  # two residual blocks 4 -> 4
+    conv_out = 2 * 4 * 3 * 4**2
+    nearest = 2 * 4 * 5 * 3  # 4 latents x 5 codes x 3 dims
+    total = conv_in + level0 + down + level1 + mid + conv_out + nearest
+    assert planning.analytic_vqgan_encoder_flops(vq, 2, 4) == 2 * total
+    # avgpool downsampling (no FLOPs), attention in the middle (4 positions, width 4), a 1x1 quant_conv 3 -> 2
+    other = types.SimpleNamespace(**dict(vars(vq), downsample="avgpool", mid_attention=True, quant_conv=True, code_dim=2))
+    attn = 4 * (2 * 4 * 4 * 4) + 2 * (2 * 4 * 4 * 4)  # q, k, v, out; scores, weighted sum
+    changed = total - down + attn + 2 * 3 * 2 * 2**2 - nearest + 2 * 4 * 5 * 2
+    assert planning.analytic_vqgan_encoder_flops(other, 2, 4) == 2 * changed
+
+
+def test_frozen_encoder_flops_match_xla_and_the_stages_they_run_for():
+    """The analytic counts against XLA's cost analysis of the modules (elementwise work adds a few %), and
+    which encoders each stage's step runs: super-res tokenizes with its own tokenizer and the base's."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from muse_jax import config as config_lib
+    from muse_jax.models import t5, vqgan
+    from muse_jax.training import online
+
+    def xla_flops(fn, *args):
+        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+    cfg = config_lib.load_config("smoke", ["--config.text.trainable=False", "--config.text.max_length=16"])
+    tcfg = t5.T5Config.coerce(cfg.text.encoder)
+    module = t5.T5Encoder(tcfg)
+    params = jax.eval_shape(lambda: nn.unbox(module.init(jax.random.key(0), jnp.ones((1, 16), jnp.int32))["params"]))
+    ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    got = xla_flops(lambda p, i: module.apply({"params": p}, i), params, ids)
+    assert got == pytest.approx(planning.analytic_t5_encoder_flops(tcfg, 2, 16), rel=0.05)
+    sizes = {}
+    for stage in ("base", "superres"):
+        vcfg = online.stage_vqgan_config(cfg, stage)
+        px = sizes[stage] = int(cfg[stage].grid_size) * vcfg.factor
+        vparams = jax.eval_shape(lambda c=vcfg, s=px: nn.unbox(vqgan.init_params(c, jax.random.key(0), s)))
+        images = jax.ShapeDtypeStruct((2, px, px, 3), jnp.uint8)
+        got = xla_flops(lambda p, x, c=vcfg: vqgan.VQGAN(c).apply({"params": p}, x, method=vqgan.VQGAN.encode),
+                        vparams, images)
+        assert got == pytest.approx(planning.analytic_vqgan_encoder_flops(vcfg, 2, px), rel=0.05)
+    assert sizes == {"base": 64, "superres": 128}
+
+    vq = {s: planning.analytic_vqgan_encoder_flops(online.stage_vqgan_config(cfg, s), 8, sizes[s]) for s in sizes}
+    text = planning.analytic_t5_encoder_flops(tcfg, 8, 16)
+    assert planning.in_step_flops(cfg, "base", 8, 16) == {"t5_encoder": text, "vqgan_encoder": vq["base"]}
+    assert planning.in_step_flops(cfg, "superres", 8, 16) == {"t5_encoder": text,
+                                                              "vqgan_encoder": vq["base"] + vq["superres"]}
+    with cfg.unlocked():
+        cfg.data.source = "tokens"  # tokens computed once: only the frozen T5 runs in the step
+    assert planning.in_step_flops(cfg, "superres", 8, 16) == {"t5_encoder": text, "vqgan_encoder": 0.0}
+    with cfg.unlocked():
+        cfg.text.trainable = True
+    assert planning.in_step_flops(cfg, "base", 8, 16) == {"t5_encoder": 0.0, "vqgan_encoder": 0.0}
+    assert planning.in_step_flops(config_lib.load_config("shapes", ["--config.text.trainable=False"]), "base", 8, 16) == \
+        {"t5_encoder": 0.0, "vqgan_encoder": 0.0}  # the shapes cache: tokens and embeddings cached

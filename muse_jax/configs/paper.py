@@ -1,9 +1,14 @@
 """The paper's transformers (Muse sections 2.3, 2.4, 4): `get_config("muse_632m" | "muse_3b" | "superres_268m")`.
 
 Each is the shapes config's sections with one stage (`base` or `superres`) sized as below and
-the paper's common settings: 8192 codes from an f16 VQGAN, frozen T5-XXL text embeddings 4096
-wide from the cache, dropout 0.1, bf16 compute with remat, and the paper's training (batch 512,
-Adafactor, 1M steps, lr 1e-4, 5000 warm-up steps). Train on a pod with e.g.
+the paper's common settings: 8192 codes from an f16 VQGAN (base) and an f8 VQGAN (super-res),
+frozen T5-XXL text embeddings 4096 wide, dropout 0.1, bf16 compute with remat, and the paper's
+training (batch 512, Adafactor, 1M steps, lr 1e-4, 5000 warm-up steps). Nothing is cached: the
+batches hold streamed images and caption ids, and the frozen VQGAN(s) and the frozen T5-XXL
+encoder run inside the sharded train step (muse_jax/training/online.py), their parameters sharded
+like the transformer's. That work is part of every step: for muse_632m at batch 512 the T5-XXL
+encoder (6.1e14 FLOPs) and the VQGAN (1.1e14) exceed the transformer's 6.3e14 (with remat), and
+`muse-jax plan` compiles and counts them. Train on a pod with e.g.
 `--config.mesh.data=-1 --config.mesh.fsdp=8` (FSDP) or `--config.mesh.tensor=4`.
 
 muse_3b: 48 layers, width 2048, MLP 8192, 32 heads; 256x256 images -> 16x16 tokens. This

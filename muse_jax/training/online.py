@@ -2,14 +2,17 @@
 
     prep = online.Prepare.build(config, stage, tokenizers, text_encoder=None, mesh=mesh, rules=rules)
     train_step = step.make_train_step(..., prepare=prep)     # the batch holds "image" uint8 [B, S, S, 3]
+    prep = online.Prepare.abstract(config, stage, mesh=mesh, rules=rules)   # the same step, nothing loaded
 
-The frozen tokenizers' parameters (and a frozen T5's) are arguments of the jitted step, sharded
-over the mesh by their logical axes like the transformer's, so nothing is cached and no device
-holds more than its share. Per stage (S = config.data.image_size, the largest stage's size):
+The frozen tokenizers' parameters (those `VQGAN.encode` reads: not the decoders') and a frozen
+T5's are arguments of the jitted step, sharded over the mesh by their logical axes like the
+transformer's, so nothing is cached and no device holds more than its share. Per stage
+(S = config.data.image_size, the largest stage's size):
   base      tokens = base tokenizer(images area-downsampled to the base stage's pixels)
   superres  tokens = super-res tokenizer(images at its pixels), lowres_tokens = base tokenizer(...)
 Area downsampling rounds to uint8 as `image_ops.downsample_area` does, so these are the tokens a
-cache built with the same tokenizers would hold.
+cache built with the same tokenizers would hold. `Prepare.abstract` builds the same step from the
+config alone, its parameters `jax.ShapeDtypeStruct`s with their shardings (the planner compiles it).
 """
 from __future__ import annotations
 
@@ -17,10 +20,12 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from muse_jax import config as config_lib
 from muse_jax import workdir as workdir_lib
 from muse_jax.models import t5, vqgan
 from muse_jax.training import partitioning
@@ -40,8 +45,9 @@ def place(params, abstract_boxed, mesh, rules):
     shardings = partitioning.state_shardings(abstract_boxed, mesh, rules)
 
     def put(x, sharding):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        x = np.asarray(x)  # on a CPU backend a view of the loaded array: each shard copies its slice, so that
+        # neither the loaded array nor a host copy of it outlives the placement
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: np.array(x[idx]))
 
     return jax.tree_util.tree_map(put, params, shardings), shardings
 
@@ -60,23 +66,51 @@ class Prepare:
               text_encoder: tuple[t5.T5Encoder, Any] | None = None) -> Prepare:
         """`tokenizers` maps each stage in use to its ImageTokenizer; `text_encoder` = (module, params)
         of a frozen T5 that turns `text_ids` into `text_emb`."""
-        base_tok = tokenizers["base"]
-        base_px = workdir_lib.check_stage_tokenizer(config, "base", base_tok)
-        frozen, boxed = {"base": base_tok.params}, {"base": _boxed(base_tok, base_px)}
+        # The step keeps the module only: the loaded (unsharded) T5 parameters are placed and let go,
+        # so no device holds a whole frozen T5 (T5-XXL's encoder is 17.7 GiB in float32).
+        text_module = None if text_encoder is None else text_encoder[0]
+        params = {name: _encoder_only(tokenizers[name].params) for name in _tokenizer_stages(stage)}
+        if text_encoder is not None:
+            params["text"] = text_encoder[1]
+        vqgans = {name: tokenizers[name].config for name in _tokenizer_stages(stage)}
+        return cls._assemble(config, stage, vqgans, text_module, params, mesh=mesh, rules=rules)
+
+    @classmethod
+    def abstract(cls, config, stage: str, *, mesh, rules) -> Prepare:
+        """The step input `build` makes for `config`, with abstract parameters: `frozen` holds
+        `jax.ShapeDtypeStruct`s sharded as the placed parameters would be, nothing is loaded.
+
+        The tokenizers are the ones `config` describes (`config.tokenizers.<name>` applied to
+        `config.vqgan`, `name = config.<stage>.tokenizer`: what `muse-jax train-tokenizer` trains);
+        a frozen T5 (`config.text.encoder`) runs in the step when `config.text.trainable` is False.
+        For planning (muse_jax/planning.py): `jitted.lower(state, batch, rng, prepare.frozen)`.
+        """
+        vqgans = {name: stage_vqgan_config(config, name) for name in _tokenizer_stages(stage)}
+        return cls._assemble(config, stage, vqgans, _frozen_text_module(config), None, mesh=mesh, rules=rules)
+
+    @classmethod
+    def _assemble(cls, config, stage: str, vqgans: dict[str, vqgan.VQGANConfig], text_module: t5.T5Encoder | None,
+                  params, *, mesh, rules) -> Prepare:
+        """The step of `build` and `abstract`: `vqgans` maps each stage in use to its tokenizer's config;
+        `params` holds the loaded parameters ("base"[, "superres"][, "text"]) to place, None for abstract ones."""
+        base_px = workdir_lib.check_stage_tokenizer(config, "base", vqgans["base"])
+        boxed = {"base": _boxed(vqgans["base"], base_px)}
         image_size = base_px
         if stage == "superres":
-            sr_tok = tokenizers["superres"]
-            image_size = workdir_lib.check_stage_tokenizer(config, "superres", sr_tok)
+            image_size = workdir_lib.check_stage_tokenizer(config, "superres", vqgans["superres"])
             if image_size % base_px:
                 raise ValueError(f"super-res images of {image_size} px are not a multiple of the base's {base_px} px")
             if int(config.superres.lowres_grid_size) != int(config.base.grid_size):
                 raise ValueError(f"config.superres.lowres_grid_size={config.superres.lowres_grid_size} is not "
                                  f"config.base.grid_size={config.base.grid_size}")
-            frozen["superres"], boxed["superres"] = sr_tok.params, _boxed(sr_tok, image_size)
-        if text_encoder is not None:
-            frozen["text"], boxed["text"] = text_encoder[1], _text_boxed(config, text_encoder[0])
-        frozen, shardings = place(frozen, boxed, mesh, rules)
-        models = {k: vqgan.VQGAN(t.config) for k, t in tokenizers.items()}
+            boxed["superres"] = _boxed(vqgans["superres"], image_size)
+        if text_module is not None:
+            boxed["text"] = _text_boxed(config, text_module)
+        if params is None:
+            frozen, shardings = _abstract(boxed, mesh, rules)
+        else:
+            frozen, shardings = place(params, boxed, mesh, rules)
+        models = {k: vqgan.VQGAN(c) for k, c in vqgans.items()}
 
         def fn(frozen, batch):
             batch = dict(batch)
@@ -92,8 +126,8 @@ class Prepare:
             else:
                 batch["tokens"] = encode("superres", downsample_area(images, s // image_size))
                 batch["lowres_tokens"] = low
-            if text_encoder is not None:
-                _encode_text(text_encoder[0], frozen["text"], batch)
+            if text_module is not None:
+                _encode_text(text_module, frozen["text"], batch)
             return batch
 
         return cls(fn, frozen, shardings, image_size)
@@ -103,7 +137,18 @@ class Prepare:
         """The frozen T5 alone (`text_ids` -> `text_emb`), for batches that hold their tokens already
         (`config.data.source="tokens"`); `image_size` is 0."""
         module, params = text_encoder
-        frozen, shardings = place({"text": params}, {"text": _text_boxed(config, module)}, mesh, rules)
+        return cls._assemble_text(config, module, {"text": params}, mesh=mesh, rules=rules)
+
+    @classmethod
+    def abstract_text_only(cls, config, *, mesh, rules) -> Prepare:
+        """`text_only` for `config.text.encoder` with abstract parameters (see `abstract`)."""
+        return cls._assemble_text(config, _frozen_text_module(config, required=True), None, mesh=mesh, rules=rules)
+
+    @classmethod
+    def _assemble_text(cls, config, module: t5.T5Encoder, params, *, mesh, rules) -> Prepare:
+        """The step of `text_only` and `abstract_text_only` (`params` None: abstract)."""
+        boxed = {"text": _text_boxed(config, module)}
+        frozen, shardings = _abstract(boxed, mesh, rules) if params is None else place(params, boxed, mesh, rules)
 
         def fn(frozen, batch):
             batch = dict(batch)
@@ -111,6 +156,35 @@ class Prepare:
             return batch
 
         return cls(fn, frozen, shardings, 0)
+
+
+def stage_vqgan_config(config, stage: str) -> vqgan.VQGANConfig:
+    """The VQGAN of `stage`'s tokenizer as `config` describes it: `config.vqgan` with the overrides of
+    `config.tokenizers.<name>` (`name = config.<stage>.tokenizer`, "" = the shared one as it is)."""
+    name = workdir_lib.stage_tokenizer(config, stage)
+    return vqgan.VQGANConfig.from_dict(config_lib.tokenizer_config(config, name).vqgan.to_dict())
+
+
+def _tokenizer_stages(stage: str) -> tuple[str, ...]:
+    """The stages whose tokenizers `stage`'s step runs: its own, and the base's for the low-res tokens."""
+    return ("base",) if stage == "base" else ("base", "superres")
+
+
+def _frozen_text_module(config, required: bool = False) -> t5.T5Encoder | None:
+    """The frozen T5 of `config.text.encoder`, or None when T5 trains jointly (`config.text.trainable`)."""
+    if config.text.trainable:
+        if required:
+            raise ValueError("config.text.trainable=True: the T5 trains jointly with the stage, none is frozen")
+        return None
+    return t5.T5Encoder(t5.T5Config.coerce(config.text.encoder))
+
+
+def _abstract(abstract_boxed, mesh, rules):
+    """(ShapeDtypeStructs with the shardings that `place` would give, those shardings)."""
+    shardings = partitioning.state_shardings(abstract_boxed, mesh, rules)
+    frozen = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    nn.unbox(abstract_boxed), shardings)
+    return frozen, shardings
 
 
 def _encode_text(module: t5.T5Encoder, params, batch: dict) -> None:
@@ -124,5 +198,10 @@ def _text_boxed(config, module: t5.T5Encoder):
     return jax.eval_shape(lambda: module.init(jax.random.key(0), ids)["params"])
 
 
-def _boxed(tokenizer: vqgan.ImageTokenizer, image_size: int):
-    return jax.eval_shape(lambda: vqgan.init_params(tokenizer.config, jax.random.key(0), image_size))
+def _boxed(vqgan_config: vqgan.VQGANConfig, image_size: int):
+    return _encoder_only(jax.eval_shape(lambda: vqgan.init_params(vqgan_config, jax.random.key(0), image_size)))
+
+
+def _encoder_only(vqgan_params):
+    """The parameters `VQGAN.encode` reads: the decoder's are not placed on the devices."""
+    return {k: v for k, v in vqgan_params.items() if k not in ("decoder", "post_quant_conv")}
