@@ -138,6 +138,7 @@ class Stage:
         if model.text_encoder_config is not None:
 
             def prepare_text(prompts):
+                _warn_unknown(text_tokenizer, prompts)
                 ids, mask = text_tokenizer(list(prompts))
                 return {"ids": ids, "mask": mask}
 
@@ -149,6 +150,7 @@ class Stage:
                 raise ValueError(f"stage {name!r} has no text encoder of its own: a frozen text_encode is needed")
 
             def prepare_text(prompts):
+                _warn_unknown(text_tokenizer, prompts)
                 emb, mask = text_encode(list(prompts))
                 return {"emb": np.asarray(emb), "mask": np.asarray(mask)}
 
@@ -210,6 +212,15 @@ class Stage:
         encoder = t5.T5Encoder(tcfg)
         encode = text_lib.make_encode_fn(spm, encoder, t5.load_hf(config.text.checkpoint, tcfg))
         return cls.from_model(name, model, params, spm, text_encode=encode)
+
+
+def _warn_unknown(text_tokenizer, prompts) -> None:
+    """Prompts with characters the sentencepiece vocabulary lacks (they become <unk>) are warned about."""
+    unknown = text_tokenizer.unknown_pieces(prompts) if hasattr(text_tokenizer, "unknown_pieces") else {}
+    if unknown:
+        text, pieces = next(iter(unknown.items()))
+        warnings.warn(f"{len(unknown)} of {len(set(prompts))} distinct prompts hold text the vocabulary lacks, read "
+                      f"as <unk> (e.g. {''.join(pieces)[:20]!r} in {text[:60]!r})", UserWarning, stacklevel=3)
 
 
 def _stage_program(stage: Stage, options: sampling.DecodeOptions | None, guided: bool, guidance_schedule: str,

@@ -58,8 +58,10 @@ def test_shapes_config_fits_every_caption(spm_path):
 def test_truncation_warns_and_keeps_eos(spm_path, captions):
     tok = text.TextTokenizer(spm_path, max_length=5)
     long = captions[0] + " and " + captions[1]
-    with pytest.warns(UserWarning, match=r"1 of 2 prompts truncated to max_length=5"):
+    with pytest.warns(UserWarning, match=r"1 of 2 distinct prompts truncated to max_length=5"):
         ids, mask = tok([long, "a"])
+    with pytest.warns(UserWarning, match=r"1 of 1 distinct prompts truncated"):  # one prompt, sampled twice
+        tok([long, long])
     assert mask[0].all() and ids[0, -1] == tok.eos_id
     full, _ = text.TextTokenizer(spm_path, max_length=64)([long])
     np.testing.assert_array_equal(ids[0, :4], full[0, :4])
@@ -98,3 +100,17 @@ def test_workdir_tokenizer_trains_once(tmp_path, captions):
     assert (tmp_path / "text" / "spm.model").is_file() and tok.max_length == cfg.max_length
     again = workdir.text_tokenizer(tmp_path, cfg, caps)
     assert len(calls) == 1 and again.model_proto == tok.model_proto
+
+
+def test_text_the_vocabulary_lacks_is_found(spm_path):
+    tok = text.TextTokenizer(spm_path, max_length=16)
+    unknown = tok.unknown_pieces(["a red circle", "a red circle \U0001F600", "a red circle \U0001F600"])
+    assert list(unknown) == ["a red circle \U0001F600"] and "\U0001F600" in "".join(unknown["a red circle \U0001F600"])
+
+
+def test_sampling_warns_about_text_the_vocabulary_lacks(spm_path):
+    from muse_jax import cascade
+
+    tok = text.TextTokenizer(spm_path, max_length=16)
+    with pytest.warns(UserWarning, match="1 of 2 distinct prompts hold text the vocabulary lacks"):
+        cascade._warn_unknown(tok, ["a red circle", "a red circle \U0001F600", "a red circle \U0001F600"])

@@ -64,6 +64,17 @@ class TextTokenizer:
         self.model_path, self.max_length = state["model_path"], state["max_length"]
         self._init(state["model_proto"])
 
+    def unknown_pieces(self, prompts: Sequence[str]) -> dict[str, list[str]]:
+        """The prompts holding text the vocabulary lacks (encoded as <unk>, e.g. emoji) -> those pieces."""
+        unk = int(self._sp.unk_id())
+        out = {}
+        for text in dict.fromkeys(_as_text(p) for p in prompts):
+            ids, pieces = self._sp.encode(text), self._sp.encode(text, out_type=str)
+            missing = [piece for i, piece in zip(ids, pieces) if i == unk]
+            if missing:
+                out[text] = missing
+        return out
+
     @property
     def vocab_size(self) -> int:
         """Number of pieces; the text encoder's embedding needs at least this many rows."""
@@ -88,9 +99,9 @@ class TextTokenizer:
             mask[i, : len(row)] = True
         if cut:
             i, n_tok = cut[0]
-            warnings.warn(
-                f"{len(cut)} of {n} prompts truncated to max_length={self.max_length} tokens "
-                f"(e.g. prompt {i} has {n_tok} with EOS: {texts[i][:60]!r})",
+            warnings.warn(  # counted over distinct prompts: a prompt sampled 4 times is one prompt
+                f"{len({texts[j] for j, _ in cut})} of {len(set(texts))} distinct prompts truncated to "
+                f"max_length={self.max_length} tokens (e.g. {n_tok} with EOS: {texts[i][:60]!r})",
                 UserWarning,
                 stacklevel=2,
             )
