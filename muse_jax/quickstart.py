@@ -72,7 +72,7 @@ def _up_to_date(stamp_path: pathlib.Path, stamp: dict, *outputs: pathlib.Path) -
 
 
 def _preempted(workdir: pathlib.Path) -> None:
-    print(f"\nstopped on SIGTERM with every checkpoint saved; the same command resumes (--workdir {workdir})", flush=True)
+    print(f"\nstopped on SIGTERM or Ctrl-C with every checkpoint saved; the same command resumes (--workdir {workdir})", flush=True)
 
 
 def run(workdir: str, config_spec: str = "shapes", overrides=()) -> pathlib.Path | None:

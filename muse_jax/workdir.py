@@ -285,7 +285,8 @@ def load_stage_params(workdir, stage: str, *, step: int | None = None, use_ema: 
             warnings.warn(f"{stage}: the offline EMA ends at step {step}, the newest checkpoint is step {steps[-1]}; "
                           f"rerun `muse-jax ema --workdir {workdir} --stage {stage}`, or delete "
                           f"{stage_dir(workdir, stage) / EMA_FILE} to load the checkpoints", stacklevel=2)
-    elif use_ema and steps and ckpt_lib.saved_fields(ckpt, step if step is not None else steps[-1]).get("ema_params"):
+    elif use_ema and steps and ckpt_lib.newest_saved_fields(ckpt, [step] if step is not None else steps).get(
+            "ema_params"):
         field = "ema_params"
     try:
         tree, _ = ckpt_lib.restore_subtree(ckpt, {field: target}, step=step)

@@ -175,3 +175,25 @@ def test_pipeline_loads_the_checkpoints_it_is_asked_for(tmp_path):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(FileNotFoundError, match="cannot load the base stage"):
         cascade.Pipeline.from_workdir(w, steps={"base": 3})
+
+
+def test_sampling_reads_a_newest_checkpoint_without_metadata_and_falls_back_from_a_truncated_one(tmp_path):
+    """A newest step without its metadata file still loads (no TypeError); one whose data files are cut
+    short loads the previous step, with a warning naming both, instead of silently."""
+    w = tmp_path / "w"
+    states = _tiny_workdir(w)  # step 2
+    ckpt = ckpt_lib.Checkpointer(workdir_lib.checkpoint_dir(w, "base"), async_save=False)
+    ckpt.save(4, _random(states["base"], 7), force=True)
+    ckpt.close()
+    leaves = lambda tree: [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]  # noqa: E731
+    want = {s: leaves(workdir_lib.load_stage_params(w, "base", step=s)[1]) for s in (2, 4)}
+    state4 = workdir_lib.checkpoint_dir(w, "base") / "4" / "state"
+    (state4 / "_METADATA").unlink()
+    for a, b in zip(leaves(cascade.Pipeline.from_workdir(w).base.params), want[4], strict=True):
+        np.testing.assert_array_equal(a, b)
+    for f in (state4 / "d").iterdir():  # the arrays' data, cut short
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="loaded step 2, not the newer step 4"):
+        pipe = cascade.Pipeline.from_workdir(w)
+    for a, b in zip(leaves(pipe.base.params), want[2], strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -51,6 +51,9 @@ def get_config(arg=None):
     d.heartbeat_timeout_s = 100  # a silent peer is declared dead (all others abort) after this
     d.shutdown_timeout_s = 300
     d.step_timeout_s = 0  # watchdog: exit if no train step completes for this long (0 = off)
+    # A stage's or tokenizer's LOCK (one run writes it at a time) is taken over once its holder's pid is
+    # gone from this host, or its heartbeat is this old (the holder renews it every tenth of this).
+    d.lock_timeout_s = 600
 
     # VQGAN tokenizer (muse_jax/models/vqgan.py): 64x64 -> 16x16 tokens (f4 = 3 widths).
     config.vqgan = ml_collections.ConfigDict()
@@ -170,6 +173,12 @@ def get_config(arg=None):
     t.checkpoint_every = 500
     t.keep_checkpoints = 2
     t.keep_every = 0  # > 0: also keep every checkpoint whose step is a multiple (for `muse-jax ema`)
+    # Divergence guard (muse_jax/training/checkpoint.py, DivergenceGuard): besides a NaN/inf loss, the run
+    # stops when a step's loss is over this factor x the median loss of the previous 100 steps, or when the
+    # parameters' global norm is over this factor x their norm at the start of the run; 0 = that check off.
+    # No checkpoint is saved after a blow-up, so the newest checkpoint is the last healthy one (health.json).
+    t.divergence_loss_factor = 10.0
+    t.divergence_param_factor = 10.0
     t.sample_every = 1000
     t.num_samples = 8
     # "default": the backend's fast matmul, float32 accumulation (TPU: bfloat16 multiplies; an AMX CPU:

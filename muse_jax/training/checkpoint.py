@@ -7,12 +7,14 @@ How to use (a training loop):
     start = 0
     if ckpt.latest_step() is not None:
         state, start = ckpt.restore(abstract, data_iterator=it)   # falls back past corrupt steps
-    with PreemptionHandler() as preempt:                          # SIGTERM -> flag
+    guard = DivergenceGuard(loss_factor=10, param_factor=10, start_param_norm=global_norm(state.params))
+    with PreemptionHandler() as preempt:                          # SIGTERM or Ctrl-C -> flag
         for step in range(start, num_steps):
             state, metrics = train_step(state, batch, rng)
             if step_is_log_or_save(step + 1):
-                check_finite(metrics, step + 1)                   # NaN/inf -> NonFiniteError
-            ckpt.save(step + 1, state, data_iterator=it)          # every `save_every`, async
+                guard.check(step + 1, metrics)                    # NaN/inf, blow-up -> DivergenceError
+            if ckpt.save(step + 1, state, data_iterator=it):      # every `save_every`, async
+                record_health(health_path, step + 1, guard.last)  # W/<stage>/health.json
             if preempt.requested:
                 ckpt.save(step + 1, state, data_iterator=it, force=True); break
     ckpt.close()                                                  # waits for async saves
@@ -21,20 +23,28 @@ The step number saved is the number of completed steps; resuming from step s res
 state after s steps and the iterator positioned at the (s+1)-th batch. Restore places arrays
 onto whatever shardings the target carries, so a checkpoint written on one mesh restores onto
 another. `restore` raises `CheckpointError` with the directory, the steps tried and why.
+
+Checkpoints are saved only after every step before them passed the guard, so once a run diverges
+no checkpoint of the diverged parameters is written: the newest checkpoint is the last healthy
+one, and a plain resume (with a lower learning rate) starts from it.
 """
 from __future__ import annotations
 
+import collections
+import json
 import logging
 import math
 import pathlib
 import signal
 import threading
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import grain.python as grain
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -47,7 +57,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing or cannot be read."""
 
 
-class NonFiniteError(FloatingPointError):
+class DivergenceError(FloatingPointError):
+    """A run whose loss or parameters blew up (`DivergenceGuard`); the run stops, earlier checkpoints are kept."""
+
+
+class NonFiniteError(DivergenceError):
     """A NaN or inf training metric; the run stops, earlier checkpoints are kept."""
 
 
@@ -79,6 +93,7 @@ class Checkpointer:
             max_to_keep=None if policy else keep,  # a policy replaces max_to_keep
             create=True,
             enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # half-written saves of a killed run (*.orbax-checkpoint-tmp*)
             preservation_policy=policy,
         )
         self._manager = ocp.CheckpointManager(
@@ -242,17 +257,34 @@ def restore_subtree(directory, target: Mapping[str, Any], step: int | None = Non
         if bad:
             errors.append(f"step {s}: shapes differ from the target at {bad[:5]}")
             continue
+        if errors:  # an older step than the newest: say which one, and why
+            warnings.warn(f"{directory}: loaded step {s}, not the newer {'; '.join(errors)}", UserWarning, stacklevel=2)
         return out, s
     raise CheckpointError(f"no readable checkpoint in {directory} for this target; tried: " + "; ".join(errors))
 
 
 def saved_fields(directory, step: int) -> dict[str, int]:
-    """Top-level fields of the `state` saved at `step` -> their number of arrays (0: None or empty)."""
-    with ocp.PyTreeCheckpointer() as reader:
-        meta = reader.metadata(_absolute(directory) / str(step) / "state")
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    return {k: len(jax.tree_util.tree_leaves(v)) for k, v in dict(tree).items()}
+    """Top-level fields of the `state` saved at `step` -> their number of arrays (0: None or empty).
+    Raises `CheckpointError` when the step's metadata cannot be read (a checkpoint cut short)."""
+    try:
+        with ocp.PyTreeCheckpointer() as reader:
+            meta = reader.metadata(_absolute(directory) / str(step) / "state")
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        return {k: len(jax.tree_util.tree_leaves(v)) for k, v in dict(tree).items()}
+    except Exception as e:  # noqa: BLE001  (missing or truncated metadata, whatever the reader raises)
+        raise CheckpointError(f"step {step}: unreadable metadata ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from None
+
+
+def newest_saved_fields(directory, steps) -> dict[str, int]:
+    """`saved_fields` of the newest of `steps` whose metadata reads ({} if none does)."""
+    for step in sorted(steps, reverse=True):
+        try:
+            return saved_fields(directory, step)
+        except CheckpointError:
+            continue
+    return {}
 
 
 def _as_abstract(x):
@@ -282,16 +314,23 @@ def check_finite(metrics: Mapping[str, Any], step: int, keys=("loss", "grad_norm
 
 
 class PreemptionHandler:
-    """Context manager: SIGTERM (and optionally SIGINT) sets `.requested` instead of killing."""
+    """Context manager: SIGTERM (a preemption, `kill`) and SIGINT (Ctrl-C) set `.requested` instead of
+    killing, so that the loop saves a checkpoint and stops. A second Ctrl-C raises KeyboardInterrupt at
+    once (no checkpoint)."""
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.signals = tuple(signals)
         self.requested = False
+        self.signal_name = ""  # the first signal received, e.g. "SIGINT"
         self._previous = {}
 
     def _handle(self, signum, frame):
         del frame
-        log.warning("received signal %d: will checkpoint and stop", signum)
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}): stopping at once")
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+        log.warning("received %s: will checkpoint and stop (Ctrl-C again stops at once, without a checkpoint)",
+                    signal.Signals(signum).name)
         self.requested = True
 
     def __enter__(self):
@@ -313,3 +352,100 @@ class PreemptionHandler:
 
         flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
         return bool(np.asarray(flags).any())
+
+
+def global_norm(tree) -> float:
+    """The global L2 norm of a pytree of (sharded) arrays, as a host float (every process calls it)."""
+    return float(jax.device_get(jax.jit(optax.tree.norm)(tree)))
+
+
+class DivergenceGuard:
+    """Tells, step by step, whether a run diverged, against the run's own history.
+
+    A step diverges when its loss, grad_norm or param_norm is NaN or inf (`NonFiniteError`), or
+    (`DivergenceError`) when
+      - its loss is above `loss_factor` x the median loss of the previous `window` steps of this run
+        (once `min_history` steps are known; the median is taken as at least `loss_floor`, since a
+        loss that small rising tenfold is no blow-up), or
+      - the global norm of the parameters after it (`param_norm`) is above `param_factor` x
+        `start_param_norm`, their norm at the start of this run (a resume: of the restored ones).
+    A factor of 0 turns its check off. `check` takes the steps in order; `last` holds the newest
+    step's loss and param_norm (what `record_health` writes for a checkpoint of that step).
+    """
+
+    def __init__(self, *, loss_factor: float, param_factor: float, start_param_norm: float,
+                 window: int = 100, min_history: int = 10, loss_floor: float = 1.0):
+        self.loss_factor, self.param_factor = float(loss_factor), float(param_factor)
+        self.start_param_norm = float(start_param_norm)
+        self.min_history, self.loss_floor = int(min_history), float(loss_floor)
+        self.history = collections.deque(maxlen=int(window))
+        self.last: dict[str, float] = {}
+        self.failed_step: int | None = None  # the step that diverged
+
+    def check(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Raises NonFiniteError / DivergenceError naming the step, the value and the threshold."""
+        values = {k: float(np.asarray(jax.device_get(metrics[k])))
+                  for k in ("loss", "grad_norm", "param_norm") if k in metrics}
+        self.last = {k: values[k] for k in ("loss", "param_norm") if k in values}
+        self.failed_step = step  # until the checks below pass
+        for k, v in values.items():
+            if not math.isfinite(v):
+                raise NonFiniteError(f"{k} is {v} at step {step}")
+        loss = values["loss"]
+        if self.loss_factor and len(self.history) >= self.min_history:
+            median = max(float(np.median(self.history)), self.loss_floor)
+            if loss > self.loss_factor * median:
+                raise DivergenceError(
+                    f"loss {loss:.4g} at step {step} is over {self.loss_factor:g} x {median:.4g}, the median loss "
+                    f"of the {len(self.history)} steps before (config.train.divergence_loss_factor)")
+        norm = values.get("param_norm")
+        if self.param_factor and norm is not None and norm > self.param_factor * self.start_param_norm:
+            raise DivergenceError(
+                f"param_norm {norm:.4g} at step {step} is over {self.param_factor:g} x {self.start_param_norm:.4g}, "
+                f"the parameters' norm at the start of this run (config.train.divergence_param_factor)")
+        self.history.append(loss)
+        self.failed_step = None
+
+
+def read_health(path) -> dict[int, dict]:
+    """The health record beside a stage's checkpoints (W/<stage>/health.json): step -> {loss, param_norm,
+    healthy, checkpoint}; {} when there is none."""
+    path = paths.as_path(path)
+    if not path.exists():
+        return {}
+    return {int(k): v for k, v in json.loads(path.read_text()).items()}
+
+
+def record_health(path, step: int, values: Mapping[str, float], *, healthy: bool = True,
+                  checkpoint: bool = True) -> None:
+    """Adds `step` to the health record: its loss and param_norm (`DivergenceGuard.last`), whether it
+    passed the guard, and whether a checkpoint of it was saved. Process 0 writes; the others return."""
+    if jax.process_index() != 0:
+        return
+    path = paths.as_path(path)
+    record = read_health(path)
+    record[int(step)] = {**{k: float(v) for k, v in values.items()}, "healthy": bool(healthy),
+                         "checkpoint": bool(checkpoint)}
+    text = json.dumps({str(k): record[k] for k in sorted(record)}, indent=1) + "\n"
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # never a half-written record (replace: overwrites on buckets too)
+
+
+def diverged_message(stage: str, cause: str, good_step: int | None, record: Mapping[int, dict], *,
+                     workdir, checkpoints, lr: float) -> str:
+    """One line for a run stopped by the guard: the cause, the last good checkpoint (or that there is
+    none) and the command that resumes from it at a lower learning rate."""
+    command = (f"muse-jax train --workdir {workdir} --stage {stage} --config <the same config and overrides> "
+               f"--config.train.lr=<below the {lr:g} it diverged with>")
+    if good_step is None:
+        return (f"{stage} diverged: {cause}; no checkpoint was saved before it, so there is no last good "
+                f"checkpoint. Retrain from scratch with a lower learning rate (the same command starts over "
+                f"from step 0): {command}")
+    r = record.get(good_step, {})
+    health = ""
+    if "loss" in r:
+        health = f", loss {r['loss']:.4g}" + (f", param_norm {r['param_norm']:.4g}" if "param_norm" in r else "")
+    return (f"{stage} diverged: {cause}; stopped, and no checkpoint after step {good_step} was saved. "
+            f"The last good checkpoint: step {good_step} ({checkpoints}/{good_step}{health}). Resume from it "
+            f"with a lower learning rate: {command}")

@@ -26,6 +26,7 @@ from muse_jax.data import image_text, shapes, sources, stage_data, token_cache, 
 from muse_jax.data import loader as loader_lib
 from muse_jax.models import transformer as transformer_lib
 from muse_jax.training import checkpoint as ckpt_lib
+from muse_jax.training import lock as lock_lib
 from muse_jax.training import online, partitioning, preview
 from muse_jax.training import state as state_lib
 from muse_jax.training import step as step_lib
@@ -225,13 +226,23 @@ def train_stage(
     skipped by all processes).
 
     `stop_at` ends this run early at that step (as a preemption would), keeping the schedule
-    of `config.train.num_steps`.
+    of `config.train.num_steps`. W/<stage> is locked while it trains (muse_jax/training/lock.py):
+    a second run on it is refused before it writes anything, as is a checkpoint folder that
+    cannot be written (before compiling).
     """
     workdir = workdir_lib.path(workdir)
     config = stage_config(config, stage)
-    t = config.train
-    check_train_values(t)  # before anything is written
+    check_train_values(config.train)  # before anything is written
     out_dir = workdir_lib.stage_dir(workdir, stage)
+    with lock_lib.hold(out_dir, f"the {stage} stage", timeout_s=lock_lib.timeout_s(config)):
+        lock_lib.check_writable(out_dir / "checkpoints")
+        return _train_locked_stage(config, workdir, stage, out_dir, data=data, stop_at=stop_at, quiet=quiet,
+                                   devices=devices)
+
+
+def _train_locked_stage(config, workdir, stage: str, out_dir, *, data, stop_at, quiet, devices) -> dict[str, Any]:
+    """`train_stage` once W/<stage> is this run's (`config` with the stage's overrides, checked)."""
+    t = config.train
     num_steps = int(t.num_steps)
     end = num_steps if stop_at is None else min(int(stop_at), num_steps)
 
@@ -300,7 +311,14 @@ def train_stage(
     # Watchdog: a step that never completes (a hung peer) ends the process with a clear message
     # after config.distributed.step_timeout_s (0 = off); see muse_jax/distributed.py.
     dog = distributed.Watchdog(float(config.distributed.step_timeout_s) if "distributed" in config else 0.0)
-    with ckpt_lib.PreemptionHandler() as preempt, dog:
+    with ckpt_lib.PreemptionHandler() as preempt, dog:  # SIGTERM or Ctrl-C: save and stop
+        # Divergence guard: NaN/inf, or a loss / parameter norm blown up against this run's own history. Every
+        # step is checked before a checkpoint is saved, so no checkpoint of diverged parameters is written;
+        # each checkpoint's loss and parameter norm go to W/<stage>/health.json.
+        guard = ckpt_lib.DivergenceGuard(loss_factor=float(t.get("divergence_loss_factor", 10.0)),
+                                         param_factor=float(t.get("divergence_param_factor", 10.0)),
+                                         start_param_norm=ckpt_lib.global_norm(state.params))
+        health = out_dir / "health.json"
         try:
             for s in range(start, end):
                 batch = partitioning.shard_batch(next(it), mesh, rules)
@@ -316,7 +334,7 @@ def train_stage(
                     for i, m in enumerate(host):
                         losses[done - len(host) + i + 1] = float(m["loss"])
                     for i, m in enumerate(host):
-                        ckpt_lib.check_finite(m, done - len(host) + i + 1)
+                        guard.check(done - len(host) + i + 1, m)
                     pending = []
                     if log_now:
                         dt = time.perf_counter() - t_log
@@ -324,7 +342,8 @@ def train_stage(
                         step_times.append(dt / steps_since)
                         avg = {k: float(np.mean([m[k] for m in host])) for k in ("loss", "accuracy", "grad_norm")}
                         scalars = {f"train/{k}": v for k, v in avg.items()}
-                        scalars.update({"train/lr": float(host[-1]["lr"]), "perf/steps_per_s": sps,
+                        scalars.update({"train/lr": float(host[-1]["lr"]), "train/param_norm": float(host[-1]["param_norm"]),
+                                        "perf/steps_per_s": sps,
                                         "perf/tokens_per_s": sps * tokens_per_step})
                         if flops_per_step:
                             scalars["perf/model_tflops_per_s"] = sps * flops_per_step / 1e12
@@ -335,8 +354,8 @@ def train_stage(
                         writer.write_scalars(done, scalars)
                         bar.set_postfix(loss=f"{avg['loss']:.3f}", acc=f"{avg['accuracy']:.3f}")
                         t_log, steps_since = time.perf_counter(), 0
-                    if save_now or stop_now:
-                        ckpt.save(done, state, data_iterator=it, force=True)
+                    if (save_now or stop_now) and ckpt.save(done, state, data_iterator=it, force=True):
+                        ckpt_lib.record_health(health, done, guard.last)
                     if int(t.sample_every) and done % int(t.sample_every) == 0 and data.preview is not None:
                         preview.write_preview(model, state, data, jax.random.fold_in(sample_rng, done), writer,
                                               out_dir, done)
@@ -344,14 +363,19 @@ def train_stage(
                 dog.kick(done)
                 if stop_now:
                     stopped = "preempted"
-                    log.warning("stopping %s at step %d on SIGTERM (checkpoint saved)", stage, done)
+                    log.warning("stopping %s at step %d on %s (checkpoint saved)", stage, done,
+                                preempt.signal_name or "a peer's preemption")
                     break
-        except ckpt_lib.NonFiniteError as e:
-            ckpt.wait()
+        except ckpt_lib.DivergenceError as e:  # NonFiniteError included
+            ckpt.wait()  # the pending saves: all of them passed the guard
+            good = ckpt.latest_step()
+            ckpt.close()
             bar.close()
             writer.close()
-            ckpt.close()
-            raise ckpt_lib.NonFiniteError(f"{stage}: {e} (last good checkpoint: step {ckpt.latest_step()})") from None
+            ckpt_lib.record_health(health, guard.failed_step, guard.last, healthy=False, checkpoint=False)
+            raise type(e)(ckpt_lib.diverged_message(
+                stage, str(e), good, ckpt_lib.read_health(health), workdir=workdir, checkpoints=ckpt.directory,
+                lr=float(t.lr))) from None
     bar.close()
     ckpt.close()
     writer.flush()

@@ -137,6 +137,7 @@ def make_train_step(config, model, mesh, state_shardings, *, empty_text=None, ru
             "accuracy": aux["accuracy"],
             "mask_rate": aux["mask_rate"],
             "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),  # after the update: the divergence guard's blow-up check
             "lr": schedule(state.step),
         }
         return TrainState(state.step + 1, params, opt_state, ema), metrics

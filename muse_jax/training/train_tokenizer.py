@@ -23,6 +23,7 @@ from muse_jax.data import loader as loader_lib
 from muse_jax.models import vqgan
 from muse_jax.models import vqgan_losses as losses
 from muse_jax.training import checkpoint as ckpt_lib
+from muse_jax.training import lock as lock_lib
 from muse_jax.training import partitioning
 from muse_jax.training import tokenizer_step as tokenizer_lib
 from muse_jax.training import writer as writer_lib
@@ -132,12 +133,21 @@ def eval_batches(config, workdir, image_size: int, batch_size: int):
 
 def train(config, workdir, *, name: str = "", num_steps: int | None = None, quiet: bool = False) -> dict[str, float]:
     """Trains (or resumes) the tokenizer in W/tokenizer (or W/tokenizer/<name>, with the sections of
-    `config.tokenizers.<name>`); returns the final test evaluation."""
+    `config.tokenizers.<name>`); returns the final test evaluation. The folder is locked while it trains
+    (muse_jax/training/lock.py): a second run on it is refused before it writes anything, as is a
+    checkpoint folder that cannot be written (before compiling)."""
     workdir = workdir_lib.path(workdir)
     amused.refuse_training(workdir)
     config = config_lib.tokenizer_config(config, name)
     tok_dir = workdir_lib.tokenizer_dir(workdir, name)
-    tok_dir.mkdir(parents=True, exist_ok=True)
+    what = f"the tokenizer {name!r}" if name else "the shared tokenizer"
+    with lock_lib.hold(tok_dir, what, timeout_s=lock_lib.timeout_s(config)):
+        lock_lib.check_writable(tok_dir / "checkpoints")
+        return _train_locked(config, workdir, tok_dir, name=name, num_steps=num_steps, quiet=quiet)
+
+
+def _train_locked(config, workdir, tok_dir, *, name: str, num_steps: int | None, quiet: bool) -> dict[str, float]:
+    """`train` once `tok_dir` is this run's (`config` with the sections of `config.tokenizers.<name>`)."""
     tcfg = config.train_tokenizer
     vcfg = vqgan.VQGANConfig.from_dict(config.vqgan)
     num_steps = tcfg.num_steps if num_steps is None else num_steps
@@ -230,7 +240,7 @@ def train(config, workdir, *, name: str = "", num_steps: int | None = None, quie
         result = {"step": int(state.step), "train_seconds": train_time, "status": status}
         eval_loader = None if status == "preempted" else eval_batches(config, workdir, image_size, tcfg.eval_batch_size)
         if status == "preempted":
-            print(f"tokenizer {name or '(shared)'}: stopped at step {result['step']} on SIGTERM (checkpoint saved)")
+            print(f"tokenizer {name or '(shared)'}: stopped at step {result['step']} on SIGTERM or Ctrl-C (checkpoint saved)")
         elif eval_loader is None:
             print("tokenizer: no config.data.eval_files, so no final evaluation")
         else:
