@@ -73,8 +73,6 @@ class SampleOptions:
         if not 0.0 <= self.strength <= 1.0 or (self.strength and self.scheduler != "amused"):
             raise ValueError(f"strength must be in [0, 1] and needs scheduler 'amused', got {self.strength} "
                              f"({self.scheduler})")
-        if self.strength and int(self.steps * self.strength) < 1:
-            raise ValueError(f"strength {self.strength} of {self.steps} steps runs no step; raise either")
         if self.guidance_schedule not in sampling.GUIDANCE_SCHEDULES:
             raise ValueError(
                 f"unknown guidance schedule {self.guidance_schedule!r}; expected one of {sampling.GUIDANCE_SCHEDULES}"
@@ -86,6 +84,8 @@ class SampleOptions:
                 f"steps, sr_steps and edit_iterations must be >= 1, got {self.steps}, {self.sr_steps}, "
                 f"{self.edit_iterations}"
             )
+        if self.strength and int(self.steps * self.strength) < 1:
+            raise ValueError(f"strength {self.strength} of {self.steps} steps runs no step; raise either")
         self.decode_options("base")  # validates schedule, temperatures, top_k
         editing.num_resampled(1, self.edit_fraction)
 

@@ -26,6 +26,8 @@ def workdir(tmp_path_factory):
     (root / "not_an_image.png").write_bytes(b"this is text, not a PNG")
     (root / "latin1.txt").write_bytes("a red circle\nun caf\xe9 noir\n".encode("latin-1"))
     PIL.Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "black_mask.png")
+    PIL.Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "small_mask.png")
+    PIL.Image.fromarray(np.zeros((16, 32, 3), np.uint8)).save(root / "wide.png")
     return root
 
 
@@ -45,9 +47,21 @@ CASES = [  # (arguments, with {W} and {R} = the workdir and the folder of inputs
     (["edit", "--workdir", "{W}", "--image", "{R}/in.png", "--prompt", "a", "--out", "{R}/o.png", "--strength", "2"],
      ["strength must be in [0, 1]"]),
     (["sample", "--workdir", "{R}/nowhere", "--prompt", "a", "--out", "{R}/g.png"], ["nowhere", "does not exist"]),
+    (["sample", "--workdir", "{W}", "--prompt", "a", "--out", "{R}/g.png", "--num", "0"], ["--num must be positive"]),
+    (["sample", "--workdir", "{W}", "--prompt", "a", "--out", "{R}/g.png", "--steps", "0"], ["must be >= 1"]),
+    (["sample", "--workdir", "{W}", "--prompt", "a", "--out", "{R}/g.png", "--temperature", "0"],
+     ["temperature must be > 0"]),
+    (["sample", "--workdir", "{W}", "--prompt", "a"], ["give --out"]),
+    (["edit", "--workdir", "{W}", "--image", "{R}/wide.png", "--prompt", "a", "--out", "{R}/o.png"],
+     ["wide.png", "crop it first"]),
+    (["edit", "--workdir", "{W}", "--image", "{R}/in.png", "--mask", "{R}/small_mask.png", "--prompt", "a",
+      "--out", "{R}/o.png"], ["small_mask.png", "same size"]),
+    (["edit", "--workdir", "{W}", "--image", "{R}/missing.png", "--prompt", "a", "--out", "{R}/o.png"],
+     ["missing.png", "does not exist"]),
 ]
 TRAIN_CASES = [
     (["--config.train.lrr=1"], ["lrr"]),
+    (["--config", "no_such_config"], ["no_such_config", "named configs"]),
     (["--config.train.log_every=0"], ["config.train.log_every=0"]),
     (["--config.train.num_steps=-5"], ["config.train.num_steps=-5"]),
     (["--config.train.batch_size=0"], ["config.train.batch_size=0"]),
@@ -73,7 +87,8 @@ def test_sample_and_edit_mistakes(workdir, args, words, capsys):
 @pytest.mark.parametrize("overrides, words", TRAIN_CASES, ids=[c[1][0] for c in TRAIN_CASES])
 def test_train_mistakes_write_nothing(tmp_path, overrides, words, capsys):
     (tmp_path / "W").mkdir()
-    assert cli.main(["train", "--workdir", str(tmp_path / "W"), "--config", "shapes", *overrides]) == 2
+    config = [] if "--config" in overrides else ["--config", "shapes"]
+    assert cli.main(["train", "--workdir", str(tmp_path / "W"), *config, *overrides]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     for w in words:
