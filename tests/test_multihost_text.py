@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import socket
 import struct
+import subprocess
 import sys
+import time
 
 import conftest
 import pytest
@@ -58,6 +61,22 @@ class Skipping:  # a data iterator that skipped records (as image_text.Batches c
 
 (out / f"skipped_{info.process_index}.json").write_text(json.dumps({
     "skipped": loop.skipped_records(Skipping()), "metrics": distributed.sum_counts(Skipping().metrics())}))
+
+# The stage lock belongs to the job: a held one refuses both processes with process 0's message; a free
+# one is taken once (by process 0, naming the job) and released when the block ends.
+from muse_jax.training import lock as lock_lib
+try:
+    with lock_lib.hold(workdir / "held", "the base stage"):
+        refused = ""
+except ValueError as e:
+    refused = str(e)
+with lock_lib.hold(workdir / "free", "the base stage"):
+    holder = json.loads((workdir / "free" / "LOCK").read_text())
+    distributed.sync("lock read")
+distributed.sync("lock released")  # process 0 released it when its block ended
+released = not (workdir / "free" / "LOCK").exists()
+(out / f"lock_{info.process_index}.json").write_text(json.dumps({
+    "refused": refused, "job": holder["job"], "pid": holder["pid"], "released": released}))
 '''
 
 
@@ -69,9 +88,18 @@ def two_processes(tmp_path_factory):
     workdir, out, logs = tmp / "wd", tmp / "out", tmp / "logs"
     out.mkdir()
     env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu", XLA_FLAGS=conftest.TEST_XLA_FLAGS)
+    holder = subprocess.Popen(["sleep", "170"])  # a live run on this host holds W/held
+    (workdir / "held").mkdir(parents=True)
+    (workdir / "held" / "LOCK").write_text(json.dumps({
+        "host": socket.gethostname(), "pid": holder.pid, "job": "a single process",
+        "started": "2026-12-06 07:10:00 UTC", "heartbeat": time.time(), "token": "another run"}))
     cmd = ["bash", str(LOCAL_SH), "-n", "2", "-d", "1", "-t", "170", "-l", str(logs), "--",
            sys.executable, str(tmp / "worker.py"), str(workdir), str(out), PROMPT]
-    rc, output = conftest.run_process_group(cmd, env=env, timeout=180, name="multihost_text", cwd=tmp)
+    try:
+        rc, output = conftest.run_process_group(cmd, env=env, timeout=180, name="multihost_text", cwd=tmp)
+    finally:
+        holder.kill()
+        holder.wait()
 
     def results(name: str) -> list[dict]:
         files = [out / f"{name}_{i}.json" for i in range(2)]
@@ -137,3 +165,12 @@ def test_hparams_in_the_writers_event_file(tmp_path):
     assert hp["stage"].string_value == "base" and hp["params"].number_value == 1234
     assert hp["train.lr"].number_value == pytest.approx(1e-4) and hp["train.ema"].bool_value
     assert hp["train.betas"].string_value == "(0.9, 0.99)"
+
+
+def test_the_stage_lock_belongs_to_the_job(two_processes):
+    _, results = two_processes
+    lock = results("lock")
+    assert lock[0]["refused"] and lock[0]["refused"] == lock[1]["refused"]  # both stop, with process 0's line
+    assert "is being trained by pid" in lock[0]["refused"] and "\n" not in lock[0]["refused"]
+    assert lock[0]["job"] == lock[1]["job"] and "2 processes" in lock[0]["job"]  # one holder: the job
+    assert lock[0]["pid"] == lock[1]["pid"] and all(r["released"] for r in lock)
