@@ -83,7 +83,7 @@ class Prepare:
         The tokenizers are the ones `config` describes (`config.tokenizers.<name>` applied to
         `config.vqgan`, `name = config.<stage>.tokenizer`: what `muse-jax train-tokenizer` trains);
         a frozen T5 (`config.text.encoder`) runs in the step when `config.text.trainable` is False.
-        For planning (muse_jax/planning.py): `jitted.lower(state, batch, rng, prepare.frozen)`.
+        For planning (muse_jax/planning): `jitted.lower(state, batch, rng, prepare.frozen)`.
         """
         vqgans = {name: stage_vqgan_config(config, name) for name in _tokenizer_stages(stage)}
         return cls._assemble(config, stage, vqgans, _frozen_text_module(config), None, mesh=mesh, rules=rules)
