@@ -126,7 +126,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or random_workdir(config_lib.load_config(args.config, overrides), f"{tmp}/workdir")
         pipe = cascade.Pipeline.from_workdir(workdir, batch_size=args.batch)
-        name = workdir_lib.load_config(workdir).get("name", "")
+        name = workdir_lib.load_run_config(workdir).get("name", "")
         for resize in args.resize.split(","):
             scorer = zero_shot.Scorer(variables, resize, clip_params, clip_config, char_tokenizer(), args.clip_model)
             out = f"{tmp}/eval_{resize}"

@@ -274,4 +274,4 @@ def load(workdir, mesh=None, rules=None) -> Loaded:
                                                                  max_length=int(cfg["text"]["max_length"])),
         grid_size=int(cfg["base"]["grid_size"]), mask_token_id=int(cfg["mask_token_id"]),
         micro_conditioning=tuple(float(v) for v in cfg["micro_conditioning"]),
-        hidden_layer=int(cfg["text"].get("hidden_layer", -2)), config=workdir_lib.load_config(w))
+        hidden_layer=int(cfg["text"].get("hidden_layer", -2)), config=workdir_lib.load_run_config(w))

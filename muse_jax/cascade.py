@@ -291,7 +291,7 @@ class Pipeline:
         workdir = workdir_lib.path(workdir)  # local or a bucket URI (gs://...)
         if not workdir.is_dir():
             raise FileNotFoundError(f"workdir {workdir} does not exist")
-        config = workdir_lib.load_config(workdir)
+        config = workdir_lib.load_run_config(workdir)
         options = SampleOptions.from_config(config.get("sample"), **overrides)
         if mesh is None and len(jax.devices()) > 1 and "mesh" in config:
             mesh = partitioning.make_mesh(config.mesh)

@@ -119,7 +119,7 @@ def _read_json(p) -> dict:
 # ----------------------------------------------------------------------------- configs
 
 
-def load_config(workdir) -> ml_collections.ConfigDict:
+def load_run_config(workdir) -> ml_collections.ConfigDict:
     """W/config.json if present (written by the quickstart), else the config the base stage was
     trained with (W/base/config.json), else the embedded shapes default."""
     for p in (path(workdir) / CONFIG_FILE, stage_dir(workdir, "base") / CONFIG_FILE):

@@ -48,7 +48,7 @@ def test_in_step_tokens_equal_the_host_tokenizers():
     low = np.asarray(tok.encode(image_ops.downsample_area(images, 2))).reshape(2, -1)
     np.testing.assert_array_equal(out["lowres_tokens"], low)
     # the rounded area mean is image_ops.downsample_area's, to the pixel
-    np.testing.assert_array_equal(online.downsample_area(images, 4), image_ops.downsample_area(images, 4))
+    np.testing.assert_array_equal(online.downsample_area_in_step(images, 4), image_ops.downsample_area(images, 4))
 
 
 def test_stage_tokenizer_checks_and_named_tokenizer_sections():

@@ -160,7 +160,7 @@ def test_gan_losses_and_discriminator():
 def test_psnr_and_reconstruction_loss():
     a = jnp.zeros((2, 4, 4, 3))
     b = a + 0.1
-    np.testing.assert_allclose(float(losses.psnr(b, a)), 10 * np.log10(4 / 0.01), rtol=1e-5)
+    np.testing.assert_allclose(float(losses.batch_psnr(b, a)), 10 * np.log10(4 / 0.01), rtol=1e-5)
     np.testing.assert_allclose(float(losses.reconstruction_loss(b, a, "l1")), 0.1, rtol=1e-5)
     np.testing.assert_allclose(float(losses.reconstruction_loss(b, a, "l2")), 0.01, rtol=1e-5)
     with pytest.raises(ValueError, match="'l1' or 'l2'"):

@@ -462,7 +462,7 @@ def test_a_retrained_workdir_is_refused(env, tmp_path):
     workdir = tmp_path / "w"
     for folder in ("base/checkpoints/10", "tokenizer/f16/checkpoints/5", "tokenizer/f16/checkpoints/tmp"):
         (workdir / folder).mkdir(parents=True)
-    assert zero_shot.checkpoint_steps(workdir) == {"base": [10], "tokenizer/f16": [5]}
+    assert zero_shot.trained_checkpoints(workdir) == {"base": [10], "tokenizer/f16": [5]}
     run = lambda: zero_shot.run(workdir, str(env / "prompts.txt"), tmp_path / "out", num=2,  # noqa: E731
                                 scorer=zero_shot.Scorer(), process_index=0, process_count=1, quiet=True)
     run()
@@ -471,4 +471,4 @@ def test_a_retrained_workdir_is_refused(env, tmp_path):
         run()
     # `muse-jax ema` since: sampling now loads the EMA, so the features are not the same either
     (workdir / "base/ema.json").write_text(json.dumps({"decay": 0.7, "every": 10, "steps": [10, 20]}))
-    assert zero_shot.checkpoint_steps(workdir)["base/ema"]["steps"] == [10, 20]
+    assert zero_shot.trained_checkpoints(workdir)["base/ema"]["steps"] == [10, 20]

@@ -40,12 +40,13 @@ import grain
 import numpy as np
 
 from muse_jax import paths
+from muse_jax.configs import data as data_config
 from muse_jax.data import files as files_lib
 from muse_jax.data import preprocess
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("folder", "parquet", "tfds", "webdataset")
+SOURCES = data_config.SOURCES  # the real-data sources, as muse_jax/configs/data.py names them
 # Fields each source needs (besides the split's files or tfds split); "" = not given.
 REQUIRED = {
     "folder": (),

@@ -185,7 +185,7 @@ def run(workdir, out_dir, *, num_prompts: int = 200, seed: int = 0, steps: int |
     workdir, out_dir = pathlib.Path(workdir), pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    config = workdir_lib.load_config(workdir)
+    config = workdir_lib.load_run_config(workdir)
     inception_variables = _load_inception(inception_path)
     cache_dir = str(workdir / "eval_cache")
 

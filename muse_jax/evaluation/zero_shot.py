@@ -305,7 +305,7 @@ def score(chunks: dict[str, np.ndarray], reference, scorer: Scorer) -> dict[str,
 # ----------------------------------------------------------------------------------------------
 # The evaluation.
 
-def checkpoint_steps(workdir) -> dict:
+def trained_checkpoints(workdir) -> dict:
     """Every checkpoints/ folder of W up to two levels down (the tokenizers, the stages) and the
     steps saved in it, and each stage's offline EMA (`muse-jax ema`, which sampling prefers): what
     identifies the trained pipeline in the stamps."""
@@ -370,7 +370,7 @@ def run(workdir, prompts_source: str, out_dir, *, num: int, reference: str | Non
     from muse_jax.cascade import Pipeline
 
     if process_index is None:
-        distributed.initialize(workdir_lib.load_config(workdir))
+        distributed.initialize(workdir_lib.load_run_config(workdir))
         process_index, process_count = jax.process_index(), jax.process_count()
     process_count = process_count or 1
     if not 0 <= process_index < process_count:
@@ -385,7 +385,7 @@ def run(workdir, prompts_source: str, out_dir, *, num: int, reference: str | Non
     pipe = Pipeline.from_workdir(workdir, mesh=mesh)
     base_stamp = {
         "workdir": os.path.abspath(str(workdir)),
-        "checkpoints": checkpoint_steps(workdir),
+        "checkpoints": trained_checkpoints(workdir),
         "prompts_source": caption_sets.describe(prompts_source), "seed": int(seed),
         "features": scorer.identity(),
     }

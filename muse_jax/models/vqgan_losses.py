@@ -31,7 +31,7 @@ def reconstruction_loss(recon: jax.Array, target: jax.Array, kind: str = "l1") -
     raise ValueError(f"reconstruction loss must be 'l1' or 'l2', got {kind!r}")
 
 
-def psnr(recon: jax.Array, target: jax.Array) -> jax.Array:
+def batch_psnr(recon: jax.Array, target: jax.Array) -> jax.Array:
     """Peak signal-to-noise ratio in dB of images in [-1,1] (clipped), mean over the batch: [B,...] -> []."""
     recon = jnp.clip(recon.astype(jnp.float32), -1.0, 1.0)
     mse = jnp.mean((recon - target.astype(jnp.float32)) ** 2, axis=tuple(range(1, recon.ndim)))

@@ -31,7 +31,7 @@ from muse_jax.models import t5, vqgan
 from muse_jax.training import partitioning
 
 
-def downsample_area(images: jax.Array, factor: int) -> jax.Array:
+def downsample_area_in_step(images: jax.Array, factor: int) -> jax.Array:
     """uint8 [B, H, W, C] -> uint8 [B, H/f, W/f, C]: the rounded mean of each f x f block."""
     if factor == 1:
         return images
@@ -120,11 +120,11 @@ class Prepare:
                 raise ValueError(f"batch images of {s} px do not downsample to the stage's {image_size} px")
             encode = lambda name, x: models[name].apply(  # noqa: E731
                 {"params": frozen[name]}, x, method=vqgan.VQGAN.encode).reshape(x.shape[0], -1)
-            low = encode("base", downsample_area(images, s // base_px))
+            low = encode("base", downsample_area_in_step(images, s // base_px))
             if stage == "base":
                 batch["tokens"] = low
             else:
-                batch["tokens"] = encode("superres", downsample_area(images, s // image_size))
+                batch["tokens"] = encode("superres", downsample_area_in_step(images, s // image_size))
                 batch["lowres_tokens"] = low
             if text_module is not None:
                 _encode_text(text_module, frozen["text"], batch)

@@ -143,7 +143,7 @@ def make_train_step(model, disc, tx, dtx, vcfg, tcfg, perceptual_weights=None):
             params, code_usage, n_restarted = restart_dead_codes(params, code_usage, aux["latents"], step, rng)
             metrics["codes_restarted"] = n_restarted
         metrics["codes_alive"] = jnp.mean(code_usage >= tcfg.dead_code_fraction / K)
-        metrics["psnr"] = losses.psnr(recon, images)
+        metrics["psnr"] = losses.batch_psnr(recon, images)
 
         disc_params, disc_opt_state, lecam_ema = state.disc_params, state.disc_opt_state, state.lecam_ema
         if adversarial:
