@@ -36,7 +36,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -216,7 +215,6 @@ class Loaded:
     mask_token_id: int
     micro_conditioning: tuple[float, ...]
     hidden_layer: int
-    config: ml_collections.ConfigDict  # W/config.json
 
 
 def stage_config(workdir) -> dict:
@@ -227,32 +225,22 @@ def stage_config(workdir) -> dict:
     return cfg
 
 
-def abstract_params(workdir) -> tuple[dict, dict]:
-    """(stage config, boxed abstract parameters {"uvit", "clip"}, with their logical axis names)."""
+def abstract_params(workdir) -> tuple[dict, clip.CLIPConfig, dict]:
+    """(stage config, CLIP config, boxed abstract parameters {"uvit", "clip"} with their logical axis names)."""
     cfg = stage_config(workdir)
     ucfg = uvit.UVit2DConfig.from_dict(cfg["uvit"])
-    ccfg = _clip_config(workdir)
+    ccfg = clip.CLIPConfig.from_hf(_read_json(workdir_lib.path(workdir) / CLIP_DIR / workdir_lib.CONFIG_FILE))
     ids = jax.ShapeDtypeStruct((1, int(cfg["text"]["max_length"])), jax.numpy.int32)
     text_model = clip.CLIPTextWithProjection(ccfg)
     boxed = {"uvit": jax.eval_shape(lambda: uvit.init_params(ucfg, jax.random.key(0))),
              "clip": jax.eval_shape(lambda i: text_model.init(jax.random.key(0), i)["params"], ids)}
-    return cfg, boxed
-
-
-def _clip_config(workdir) -> clip.CLIPConfig:
-    return clip.CLIPConfig.from_hf(_read_json(workdir_lib.path(workdir) / CLIP_DIR / workdir_lib.CONFIG_FILE))
-
-
-def param_shardings(workdir, mesh, rules) -> dict:
-    """The shardings of W's parameters on `mesh` from their logical axis names and `rules`."""
-    _, boxed = abstract_params(workdir)
-    return partitioning.state_shardings(boxed, mesh, rules)
+    return cfg, ccfg, boxed
 
 
 def load(workdir, mesh=None, rules=None) -> Loaded:
     """W's UVit2D and CLIP text encoder, parameters restored onto `mesh` (sharded by `rules`) or one device."""
     w = workdir_lib.path(workdir)
-    cfg, boxed = abstract_params(w)
+    cfg, ccfg, boxed = abstract_params(w)
     abstract = nn.unbox(boxed)
     if mesh is None:
         one = NamedSharding(jax.sharding.Mesh(jax.local_devices()[:1], ("data",)), PartitionSpec())
@@ -269,9 +257,9 @@ def load(workdir, mesh=None, rules=None) -> Loaded:
         params[name] = tree["params"]
     ucfg = uvit.UVit2DConfig.from_dict(cfg["uvit"])
     return Loaded(
-        uvit=uvit.UVit2D(ucfg), clip_config=_clip_config(w),
+        uvit=uvit.UVit2D(ucfg), clip_config=ccfg,
         params=params, tokenizer=clip_bpe.CLIPTokenizer.from_dir(w / CLIP_DIR / "tokenizer",
                                                                  max_length=int(cfg["text"]["max_length"])),
         grid_size=int(cfg["base"]["grid_size"]), mask_token_id=int(cfg["mask_token_id"]),
         micro_conditioning=tuple(float(v) for v in cfg["micro_conditioning"]),
-        hidden_layer=int(cfg["text"].get("hidden_layer", -2)), config=workdir_lib.load_run_config(w))
+        hidden_layer=int(cfg["text"].get("hidden_layer", -2)))
