@@ -48,6 +48,7 @@ from muse_jax.training import partitioning
 FAMILY = "amused"
 COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vqvae", "scheduler")
 CLIP_DIR = "text/clip"
+FINETUNE_FILE = "finetune.json"  # W/base/finetune.json: the fine-tuning run (training/finetune.py)
 # aMUSEd's pipeline defaults, in this project's option names (cascade.SampleOptions).
 SAMPLE_DEFAULTS = dict(steps=12, guidance=9.0, guidance_schedule="constant", choice_temperature=2.0,
                        temperature=1.0, top_k=0, schedule="cosine", inpaint_schedule="linear", scheduler="amused",
@@ -60,11 +61,11 @@ def is_amused(workdir) -> bool:
     return p.is_file() and json.loads(p.read_text()).get("family") == FAMILY
 
 
-def refuse_training(workdir) -> None:
-    """Training commands refuse an imported aMUSEd workdir before they write anything into it."""
+def refuse_tokenizer_training(workdir) -> None:
+    """`train-tokenizer` refuses an imported aMUSEd workdir (its VQGAN is aMUSEd's) before writing anything."""
     if is_amused(workdir):
-        raise ValueError(f"{workdir} holds an imported aMUSEd pipeline; training and tokenizer training do not run "
-                         f"on it (sample, edit and eval do)")
+        raise ValueError(f"{workdir} holds an imported aMUSEd pipeline, whose VQGAN is not retrained; `train` "
+                         f"fine-tunes its transformer")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,10 +168,10 @@ def import_pipeline(workdir, src) -> dict[str, Any]:
     try:
         w.mkdir(parents=True, exist_ok=True)
         workdir_lib.import_diffusers_tokenizer(w, p["root"] / "vqvae", image_size=res)
-        _save_params(workdir_lib.checkpoint_dir(w, "base"), p["uvit_params"])
+        save_params(workdir_lib.checkpoint_dir(w, "base"), p["uvit_params"])
         (workdir_lib.stage_dir(w, "base") / workdir_lib.CONFIG_FILE).write_text(_dump(stage))
         clip_dir = w / CLIP_DIR
-        _save_params(clip_dir / "checkpoints", p["clip_params"])
+        save_params(clip_dir / "checkpoints", p["clip_params"])
         (clip_dir / workdir_lib.CONFIG_FILE).write_text(_dump(p["clip_config_dict"]))
         (clip_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
         for f in p["tokenizer_dir"].iterdir():  # vocab.json, merges.txt, tokenizer.json, tokenizer_config.json ...
@@ -194,7 +195,8 @@ def _dump(d) -> str:
     return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
 
-def _save_params(directory, params) -> None:
+def save_params(directory, params) -> None:
+    """`params` as a parameters-only checkpoint 0 in `directory` (Orbax, `{"params": ...}`)."""
     ckpt = ckpt_lib.Checkpointer(directory, async_save=False)
     ckpt.save(0, {"params": jax.tree_util.tree_map(np.asarray, params)}, force=True)
     ckpt.close()
@@ -237,29 +239,80 @@ def abstract_params(workdir) -> tuple[dict, clip.CLIPConfig, dict]:
     return cfg, ccfg, boxed
 
 
-def load(workdir, mesh=None, rules=None) -> Loaded:
-    """W's UVit2D and CLIP text encoder, parameters restored onto `mesh` (sharded by `rules`) or one device."""
+def load_clip_params(workdir):
+    """W's CLIP text encoder parameters, on this process's first device."""
+    w = workdir_lib.path(workdir)
+    abstract = nn.unbox(abstract_params(w)[2]["clip"])
+    one = NamedSharding(jax.sharding.Mesh(jax.local_devices()[:1], ("data",)), PartitionSpec())
+    target = ckpt_lib.abstract_with_shardings(abstract, jax.tree_util.tree_map(lambda _: one, abstract))
+    try:
+        tree, _ = ckpt_lib.restore_subtree(w / CLIP_DIR / "checkpoints", {"params": target})
+    except ckpt_lib.CheckpointError as e:
+        raise FileNotFoundError(f"cannot load the aMUSEd clip parameters of {w}: {e}") from None
+    return tree["params"]
+
+
+def read_finetune(workdir) -> dict | None:
+    """W/base/finetune.json, written by fine-tuning (training/finetune.py): {"config", "lora", "base_step"}."""
+    p = workdir_lib.stage_dir(workdir, "base") / FINETUNE_FILE
+    return _read_json(p) if p.is_file() else None
+
+
+def load(workdir, mesh=None, rules=None, step: int | None = None) -> Loaded:
+    """W's UVit2D and CLIP text encoder, parameters restored onto `mesh` (sharded by `rules`) or one device.
+
+    The UVit2D's parameters are the newest checkpoint's (or `step`'s): the imported weights (checkpoint 0)
+    or a fine-tuned state (its EMA where kept); LoRA fine-tunes apply their adapters on top of checkpoint 0."""
+    from muse_jax.training import lora as lora_lib
+
     w = workdir_lib.path(workdir)
     cfg, ccfg, boxed = abstract_params(w)
+    ucfg = uvit.UVit2DConfig.from_dict(cfg["uvit"])
+    model = uvit.UVit2D(ucfg)
+    run = read_finetune(w)
+    steps = workdir_lib.checkpoint_steps(w, "base")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"cannot load the aMUSEd transformer of {w}: no checkpoint of step {step} "
+                                f"(kept: {steps})")
+    step = step if step is not None else (steps[-1] if steps else None)
+    spec = lora_lib.LoraSpec.from_dict(run["lora"]) if run and run.get("lora") and step else None
+    if spec is not None:
+        model = lora_lib.wrap(model, spec, deterministic=True)
+        adapters = lora_lib.split(jax.eval_shape(lambda: uvit_init(model, jax.random.key(0))))[1]
+        boxed = {**boxed, "adapters": adapters}
     abstract = nn.unbox(boxed)
     if mesh is None:
         one = NamedSharding(jax.sharding.Mesh(jax.local_devices()[:1], ("data",)), PartitionSpec())
         shardings = jax.tree_util.tree_map(lambda _: one, abstract)
     else:
         shardings = partitioning.state_shardings(boxed, mesh, rules or partitioning.DEFAULT_RULES)
+    base_dir = workdir_lib.checkpoint_dir(w, "base")
+    field = "params"
+    if step and ckpt_lib.newest_saved_fields(base_dir, [step]).get("ema_params"):
+        field = "ema_params"
     params = {}
-    for name, directory in (("uvit", workdir_lib.checkpoint_dir(w, "base")), ("clip", w / CLIP_DIR / "checkpoints")):
+    parts = [("uvit", base_dir, step if spec is None else int(run.get("base_step", 0)), "params" if spec else field),
+             ("clip", w / CLIP_DIR / "checkpoints", None, "params")]
+    if spec is not None:
+        parts.append(("adapters", base_dir, step, field))
+    for name, directory, at, key in parts:
         target = ckpt_lib.abstract_with_shardings(abstract[name], shardings[name])
         try:
-            tree, _ = ckpt_lib.restore_subtree(directory, {"params": target})
+            tree, _ = ckpt_lib.restore_subtree(directory, {key: target}, step=at)
         except ckpt_lib.CheckpointError as e:
             raise FileNotFoundError(f"cannot load the aMUSEd {name} parameters of {w}: {e}") from None
-        params[name] = tree["params"]
-    ucfg = uvit.UVit2DConfig.from_dict(cfg["uvit"])
+        params[name] = tree[key]
+    if spec is not None:
+        params["uvit"] = lora_lib.combine(params["uvit"], params.pop("adapters"))
     return Loaded(
-        uvit=uvit.UVit2D(ucfg), clip_config=ccfg,
+        uvit=model, clip_config=ccfg,
         params=params, tokenizer=clip_bpe.CLIPTokenizer.from_dir(w / CLIP_DIR / "tokenizer",
                                                                  max_length=int(cfg["text"]["max_length"])),
         grid_size=int(cfg["base"]["grid_size"]), mask_token_id=int(cfg["mask_token_id"]),
         micro_conditioning=tuple(float(v) for v in cfg["micro_conditioning"]),
         hidden_layer=int(cfg["text"].get("hidden_layer", -2)))
+
+
+def uvit_init(model, rng):
+    """Boxed parameters of `model` (a UVit2D, LoRA-wrapped or not) from one dummy example."""
+    return model.init(rng, *uvit.dummy_inputs(model.config, 1, 1))["params"]

@@ -120,14 +120,23 @@ def _import_amused(args, overrides):
 
 def _train(args, overrides):
     from muse_jax import config as config_lib
-    from muse_jax.training import loop
+    from muse_jax.training import finetune, loop
 
-    cfg = config_lib.load_config(args.config, overrides)
+    spec = args.config or finetune.default_config(args.workdir)
+    cfg = config_lib.load_config(spec, overrides)
     from muse_jax import distributed
 
     distributed.initialize(cfg)  # multi-host: config.distributed / MUSE_* / SLURM / TPU pod (no-op alone)
     stages = config_lib.STAGES if args.stage == "all" else (args.stage,)
     loop.train(cfg, args.workdir, stages)
+
+
+def _lora_merge(args, overrides):
+    from muse_jax.training import finetune
+
+    s = finetune.merge_lora(args.workdir, args.out)
+    print(f"merged the LoRA adapters of step {s['step']} ({s['adapters']} parameters) into {s['workdir']}; "
+          f"sample it with `muse-jax sample --workdir {s['workdir']} --prompt ... --out grid.png`")
 
 
 def _ema(args, overrides):
@@ -356,10 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the base and/or super-resolution transformer into W/<stage>")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--config", default="shapes", help="config name or path (default: shapes)")
+    p.add_argument("--config", default=None, help="config name or path (default: shapes; for a workdir made by "
+                   "import-amused: amused_256_finetune or amused_512_finetune, by its resolution)")
     p.add_argument("--stage", default="all", choices=["all", "base", "superres"],
                    help="all: base then superres (each resumes from its latest checkpoint)")
     p.set_defaults(fn=_train)
+
+    p = sub.add_parser("lora", help="LoRA fine-tunes of an aMUSEd workdir: `lora merge` folds the adapters in")
+    lora_sub = p.add_subparsers(dest="lora_command", required=True)
+    p = lora_sub.add_parser("merge", help="a new workdir with W's newest adapters folded into its weights")
+    p.add_argument("--workdir", required=True, help="an aMUSEd workdir fine-tuned with LoRA (config.lora.rank > 0)")
+    p.add_argument("--out", required=True, help="the new (empty or absent) workdir")
+    p.set_defaults(fn=_lora_merge)
 
     p = sub.add_parser("ema", help="offline EMA of a stage's checkpoints into W/<stage>/ema (sampling uses it)",
                        description="Averages the stage's kept checkpoints whose step is a multiple of --every, in "

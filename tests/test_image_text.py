@@ -215,7 +215,8 @@ def test_parquet_source_returns_what_was_written(tmp_path, struct):
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
-    """A tiny array_record tfds dataset: image i is filled with i; captions is a sequence of {text, id}."""
+    """A tiny array_record tfds dataset: image i is filled with i; captions is a sequence of {text, id};
+    its aesthetic score is i / 2."""
     import tensorflow_datasets as tfds
 
     class TinyImageCaptions(tfds.core.GeneratorBasedBuilder):
@@ -225,6 +226,7 @@ def tfds_dir(tmp_path_factory):
             return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
                 "image": tfds.features.Image(shape=(None, None, 3)),
                 "image/id": tfds.features.Scalar(np.int64),
+                "aesthetic": tfds.features.Scalar(np.float32),
                 "captions": tfds.features.Sequence({"text": tfds.features.Text(), "id": tfds.features.Scalar(np.int64)}),
             }))
 
@@ -234,7 +236,7 @@ def tfds_dir(tmp_path_factory):
         def _generate_examples(self, start, stop):
             for i in range(start, stop):
                 image = _encode(PIL.Image.new("RGB", (S, S), (i, 2 * i, 3 * i)))
-                yield i, {"image": image, "image/id": i,
+                yield i, {"image": image, "image/id": i, "aesthetic": i / 2,
                           "captions": {"text": [f"image {i} one", f"image {i} two", f"image {i} three"], "id": [1, 2, 3]}}
 
     d = tmp_path_factory.mktemp("tfds")
@@ -262,6 +264,20 @@ def test_tfds_source_draws_one_caption_of_the_sequence(tfds_dir):
         _examples(_config("tfds", tfds_name="tiny_image_captions", tfds_data_dir=tfds_dir, image_key="image/id"))
     with pytest.raises(FileNotFoundError, match="config.data.tfds_name: no prepared dataset 'nothing_here'"):
         _examples(_config("tfds", tfds_name="nothing_here", tfds_data_dir=tfds_dir))
+
+
+def test_tfds_feature_named_by_aesthetic_key_is_the_aesthetic_score(tfds_dir):
+    config = _config("tfds", tfds_name="tiny_image_captions", tfds_data_dir=tfds_dir, aesthetic_key="aesthetic")
+    batch = next(image_text.Batches(image_text.make_dataset(config, "eval", process_index=0, process_count=1), 4))
+    ids = [int(c.split()[1]) for c in batch["caption"]]
+    assert batch["aesthetic_score"].dtype == np.float32
+    np.testing.assert_array_equal(batch["aesthetic_score"], np.asarray(ids, np.float32) / 2)
+    assert batch["original_size"].tolist() == [[S, S]] * 4 and batch["crop_top_left"].tolist() == [[0, 0]] * 4
+    config.aesthetic_key = ""
+    assert np.isnan(_examples(config)[0]["aesthetic_score"])
+    config.aesthetic_key = "aesthetics"
+    with pytest.raises(ValueError, match=r"config.data.aesthetic_key: no feature 'aesthetics'.*aesthetic"):
+        _examples(config)
 
 
 def test_readme_tfds_override_of_the_smoke_config_finds_the_coco_layout(tfds_dir):
@@ -347,7 +363,9 @@ def test_resume_continues_with_the_same_batches_and_skip_counts(tmp_path, source
         assert resumed.skipped == skipped
         for want in expected:
             got = next(resumed)
-            np.testing.assert_array_equal(got["image"], want["image"])
+            assert got.keys() == want.keys() == {"image", "caption", "original_size", "crop_top_left", "aesthetic_score"}
+            for k in ("image", "original_size", "crop_top_left", "aesthetic_score"):
+                np.testing.assert_array_equal(got[k], want[k])
             assert list(got["caption"]) == list(want["caption"])
         assert resumed.skipped == batches.skipped
     assert batches.metrics()["data/skipped/corrupt_image"] == batches.skipped["corrupt_image"]

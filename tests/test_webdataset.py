@@ -29,13 +29,14 @@ def encoded(i: int, fmt: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """(files, {key: (image bytes, caption)}): 3 shards of 5 samples in img2dataset's layout."""
+    """(files, {key: (image bytes, caption)}): 3 shards of 5 samples in img2dataset's layout; sample i's
+    .json has "aesthetic": i / 4."""
     folder = tmp_path_factory.mktemp("shards")
     expected = {}
     with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=PER_SHARD, verbose=0) as sink:
         for i in range(SHARDS * PER_SHARD):
             key = f"{i // PER_SHARD:05d}{i % PER_SHARD:04d}"
-            meta = {"url": f"http://x/{i}", "caption": f"json caption {i}"}
+            meta = {"url": f"http://x/{i}", "caption": f"json caption {i}", "aesthetic": i / 4}
             if i % 3 == 0:  # the caption only in the json, a PNG image
                 sample = {"__key__": key, "png": encoded(i, "PNG"), "json": json.dumps(meta).encode()}
                 expected[key] = (sample["png"], meta["caption"])
@@ -66,6 +67,9 @@ def test_every_record_comes_back_once_per_epoch(shards):
         assert sorted(r["key"] for r in epoch) == sorted(expected)
     for r in records:
         assert r["skip"] == "" and (r["image"], r["caption"]) == expected[r["key"]]
+        assert r["aesthetic_score"] is None  # no aesthetic_key
+    scored = {r["key"]: r["aesthetic_score"] for r in make(files, aesthetic_key="aesthetic")}
+    assert scored == {key: (int(key[:5]) * PER_SHARD + int(key[5:])) / 4 for key in expected}
     assert [r["key"] for r in records[:n]] != [r["key"] for r in records[n:]]  # each epoch has its own order
 
 
@@ -109,12 +113,13 @@ def test_order_is_seeded_and_the_buffer_mixes_shards(shards):
 @pytest.mark.parametrize("n_files, shuffle_buffer, process", [(SHARDS, 0, 0), (SHARDS, 4, 0), (1, 2, 1)])
 def test_resume_yields_exactly_the_next_records(shards, n_files, shuffle_buffer, process):
     """Every position of three epochs: mid-shard, at shard and epoch boundaries, with a full or draining
-    buffer; the last case splits one file's records over 2 processes."""
+    buffer; the last case splits one file's records over 2 processes. Records read again keep their score."""
     files, _ = shards
     ds = make(files[:n_files], shuffle_buffer=shuffle_buffer, num_epochs=None, seed=3, process_index=process,
-              process_count=1 + process)
+              process_count=1 + process, aesthetic_key="aesthetic")
     epoch = n_files * PER_SHARD // (1 + process)
     reference = take(iter(ds), 3 * epoch + 8)
+    assert all(isinstance(r["aesthetic_score"], float) for r in reference)
     it = iter(ds)
     for k in range(3 * epoch):
         state = json.loads(json.dumps(it.get_state()))
@@ -189,6 +194,11 @@ def test_bad_data_gives_skip_records_and_never_raises(tmp_path):
     assert view(str(garbage)) == [(str(garbage), "truncated_tar", None, False)]
     assert view(str(empty)) == [(str(empty), "truncated_tar", None, False)]
     assert view(str(tmp_path / "complete.tar")) == [("a", "", "cap a", True), ("b", "", "cap b", True)]
+    # A .json that is not JSON only loses the score; the score is passed on as written.
+    scored = write_tar(tmp_path / "scored.tar", [("a.jpg", img), ("a.txt", b"cap a"), ("a.json", b"{broken"),
+                                                 ("b.jpg", img), ("b.txt", b"cap b"), ("b.json", b'{"aesthetic": "6.1"}')])
+    scores = [(r["key"], r["skip"], r["aesthetic_score"]) for r in webdataset.read_shard(scored, aesthetic_key="aesthetic")]
+    assert scores == [("a", "", None), ("b", "", "6.1")]
 
     everything = [cut, mid_data, mid_caption, at_header, odd, str(garbage), str(empty)]
     records = list(make(everything, shuffle_buffer=3, num_epochs=2))

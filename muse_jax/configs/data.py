@@ -36,6 +36,11 @@ def get_config(source="parquet"):
     # When it holds several captions (COCO: 5 per image), one is drawn per example and epoch.
     # "" = parquet: "text", else "caption"; tfds: "captions/text" (coco_captions); webdataset: "caption".
     d.caption_key = ""
+    # The aesthetic score of each image (LAION's "aesthetic" or "AESTHETIC_SCORE"), a micro-condition
+    # of aMUSEd: a parquet column, a field of webdataset's .json or of captions.jsonl lines, a tfds
+    # feature. Batches carry it as "aesthetic_score"; NaN where a record has no number there (the
+    # record is kept). "" = none: every score is NaN.
+    d.aesthetic_key = ""
     d.tfds_name = "coco_captions" if source == "tfds" else ""  # tfds: "name", "name/config" or "name:version"
     d.tfds_data_dir = ""  # tfds: where it is prepared ("" = tfds's default, $TFDS_DATA_DIR or ~/tensorflow_datasets)
     d.tfds_train_split = "train"  # tfds split names; slices such as "train[:90%]" work

@@ -1,7 +1,10 @@
 """Map-style image-text sources over files: a folder with `captions.jsonl`, and parquet files.
 
-Both serve raw records {"key": str, "image": bytes | None, "caption": str | None, "skip": str}
-for `preprocess.example`; an image file that cannot be read gives skip "missing_image_file".
+Both serve raw records {"key": str, "image": bytes | None, "caption": str | None, "aesthetic_score",
+"skip": str} for `preprocess.example`; an image file that cannot be read gives skip
+"missing_image_file". "aesthetic_score" is the `aesthetic_key` field of the captions.jsonl line or
+the `aesthetic_key` column's value as stored (None without one; preprocess makes NaN of anything
+not a number).
 
     FolderSource(["data/train"])   # DIR/captions.jsonl lines {"file": "000001.png", "caption": "..."}
     ParquetSource(files, image_key="image", caption_key="text", process_index=0, process_count=1)
@@ -39,11 +42,12 @@ CAPTION_COLUMNS = ("text", "caption")  # the caption column when config.data.cap
 class FolderSource:
     """Images named by `captions.jsonl` in one or more folders (local or remote), in file order.
 
-    `folders`: directories holding captions.jsonl, or the jsonl files themselves.
+    `folders`: directories holding captions.jsonl, or the jsonl files themselves; `aesthetic_key`:
+    the lines' field of the aesthetic score ("" = none).
     """
 
-    def __init__(self, folders: list[str]):
-        self.entries: list[tuple[str, str, str | None]] = []  # (folder, file, caption)
+    def __init__(self, folders: list[str], aesthetic_key: str = ""):
+        self.entries: list[tuple[str, str, str | None, object]] = []  # (folder, file, caption, aesthetic score)
         for folder in folders:
             index = paths.as_path(folder)
             if not str(index).endswith(".jsonl"):
@@ -59,19 +63,20 @@ class FolderSource:
                     name = entry["file"]
                 except (ValueError, KeyError, TypeError):
                     raise ValueError(f"{index}:{n}: expected a JSON object with a 'file' field, got {line[:200]!r}") from None
-                self.entries.append((root, name, entry.get("caption")))
+                score = entry.get(aesthetic_key) if aesthetic_key else None
+                self.entries.append((root, name, entry.get("caption"), score))
         self._folders = tuple(folders)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, i: int) -> dict:
-        root, name, caption = self.entries[i]
+        root, name, caption, aesthetic = self.entries[i]
         try:
             image, skip = (paths.as_path(root) / name).read_bytes(), ""
         except OSError:
             image, skip = None, MISSING_IMAGE_FILE
-        return {"key": f"{root}/{name}", "image": image, "caption": caption, "skip": skip}
+        return {"key": f"{root}/{name}", "image": image, "caption": caption, "aesthetic_score": aesthetic, "skip": skip}
 
     def __repr__(self) -> str:
         return f"FolderSource({list(self._folders)}, {len(self)} records)"
@@ -111,6 +116,12 @@ def _caption_column(schema: pa.Schema, path: str) -> str:
                      f"name the caption column (its columns: {', '.join(schema.names)})")
 
 
+def _check_aesthetic_column(schema: pa.Schema, key: str, path: str) -> None:
+    if key not in schema.names:
+        raise ValueError(f"config.data.aesthetic_key: no column {key!r} in {path}; "
+                         f"its columns: {', '.join(schema.names)}")
+
+
 def _parquet_file(path: str) -> pq.ParquetFile:
     return pq.ParquetFile(paths.as_path(path).open("rb") if paths.is_remote(path) else path)
 
@@ -120,16 +131,16 @@ class ParquetSource:
 
     Record i is row i of this process's row groups, concatenated in file order.
     `block_sizes` (rows per row group) lets `BlockShuffle` read them a few at a time; `field`
-    names the config field of `files` in errors. Empty keys: the common layout (module docstring),
-    looked up in the first file.
+    names the config field of `files` in errors. Empty image / caption keys: the common layout
+    (module docstring), looked up in the first file; an empty `aesthetic_key`: no score column.
     """
 
     def __init__(self, files: list[str], *, image_key: str, caption_key: str, process_index: int, process_count: int,
-                 field: str = "config.data.train_files"):
+                 field: str = "config.data.train_files", aesthetic_key: str = ""):
         self.files = list(files)
         if not caption_key and self.files:
             caption_key = _caption_column(_parquet_file(self.files[0]).schema_arrow, self.files[0])
-        self.image_key, self.caption_key = image_key or IMAGE_COLUMN, caption_key
+        self.image_key, self.caption_key, self.aesthetic_key = image_key or IMAGE_COLUMN, caption_key, aesthetic_key
         groups = []  # (file index, row group, first row in the file, rows)
         self._image_kind = None
         for f, path in enumerate(self.files):
@@ -141,6 +152,8 @@ class ParquetSource:
                                  f"{self._image_kind} in {self.files[0]}")
             self._image_kind = kind
             _check_caption_column(schema, self.caption_key, path)
+            if self.aesthetic_key:
+                _check_aesthetic_column(schema, self.aesthetic_key, path)
             first = 0
             for g in range(meta.num_row_groups):
                 rows = meta.row_group(g).num_rows
@@ -159,7 +172,7 @@ class ParquetSource:
 
     def _init_cache(self):
         self._lock = threading.Lock()  # grain reads records from several threads
-        self._cache: collections.OrderedDict[int, tuple[list, list]] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[int, tuple[list, list, list]] = collections.OrderedDict()
         self._open: dict[int, pq.ParquetFile] = {}
 
     def __getstate__(self):  # open files and locks stay behind; each worker process opens its own
@@ -175,8 +188,9 @@ class ParquetSource:
     def __len__(self) -> int:
         return self._len
 
-    def _rows(self, g: int) -> tuple[list, list]:
-        """(images, captions) of this process's row group g, as Python lists (a few kept in memory)."""
+    def _rows(self, g: int) -> tuple[list, list, list]:
+        """(images, captions, aesthetic scores) of this process's row group g, as Python lists (a few kept
+        in memory); the scores are None without an aesthetic_key."""
         with self._lock:
             if g in self._cache:
                 self._cache.move_to_end(g)
@@ -184,11 +198,13 @@ class ParquetSource:
             f, group, *_ = self._groups[g]
             if f not in self._open:
                 self._open[f] = _parquet_file(self.files[f])
-            table = self._open[f].read_row_group(group, columns=[self.image_key, self.caption_key])
+            columns = list(dict.fromkeys(k for k in (self.image_key, self.caption_key, self.aesthetic_key) if k))
+            table = self._open[f].read_row_group(group, columns=columns)
             images = table.column(self.image_key).to_pylist()
             if self._image_kind == "struct":  # bytes, else the path of the file (None: neither)
                 images = [None if v is None else v.get("bytes") or v.get("path") or None for v in images]
-            rows = (images, table.column(self.caption_key).to_pylist())
+            scores = table.column(self.aesthetic_key).to_pylist() if self.aesthetic_key else [None] * table.num_rows
+            rows = (images, table.column(self.caption_key).to_pylist(), scores)
             self._cache[g] = rows
             while len(self._cache) > 2 * WINDOW_BLOCKS:
                 self._cache.popitem(last=False)
@@ -197,13 +213,13 @@ class ParquetSource:
     def __getitem__(self, i: int) -> dict:
         g = bisect.bisect_right(self._starts, i) - 1
         row = i - self._starts[g]
-        images, captions = self._rows(g)
+        images, captions, scores = self._rows(g)
         f, _, first, _ = self._groups[g]
         image, skip = images[row], ""
         if self._image_kind == "struct" and not isinstance(image, bytes):
             image, skip = self._read_image_file(f, image)
         return {"key": f"{os.path.basename(self.files[f])}:{first + row}", "image": image,
-                "caption": captions[row], "skip": skip}
+                "caption": captions[row], "aesthetic_score": scores[row], "skip": skip}
 
     def _read_image_file(self, f: int, path: str | None) -> tuple[bytes | None, str]:
         """(bytes, "") of the image file a struct names (relative to file f's folder, or absolute),

@@ -2,7 +2,8 @@
 
     ds = image_text.make_dataset(config.data, "train", image_size=256, seed=0)    # grain.IterDataset
     batches = image_text.Batches(ds, batch_size=per_process_batch)
-    batch = next(batches)     # {"image": uint8 [B, 256, 256, 3], "caption": object array [B] of str}
+    batch = next(batches)     # {"image": uint8 [B, 256, 256, 3], "caption": object array [B] of str,
+                              #  "original_size", "crop_top_left": int32 [B, 2], "aesthetic_score": float32 [B]}
     batches.metrics()         # {"data/skipped/corrupt_image": 3, ...}: for logs and TensorBoard
     state = batches.get_state()   # bytes; also saved by grain's orbax handler (CheckpointSave(batches))
 
@@ -17,7 +18,9 @@
   "webdataset"  train_files / eval_files: tar shards, read by muse_jax.data.webdataset
                 (caption_key: the field of a sample's .json without a .txt; "": "caption")
 An empty image_key / caption_key means the common layout of the source, so that overriding
-`config.data.source` alone on the command line works.
+`config.data.source` alone on the command line works. `aesthetic_key` names the aesthetic score
+of each record in any source: a parquet column, a field of webdataset's .json or of captions.jsonl
+lines, a tfds feature ("" = none: every score is NaN, as is a missing or non-numeric one).
 The shapes dataset (`config.data.name == "shapes"`, whose `source="tfds"` means the built shapes
 dataset) is read by `sources.make_source` instead, and refused here.
 
@@ -110,11 +113,13 @@ def make_dataset(data_config, split: str, *, image_size: int | None = None, seed
                  ordered: bool = False) -> grain.IterDataset:
     """This process's preprocessed examples of `split` ("train": forever; "eval"/"test": one pass).
 
-    Examples: {"image": uint8 [S, S, 3], "caption": str, "key": str, "skip": "" | kind}; bad records
-    keep their place with `skip` set (`Batches` drops and counts them). `image_size` defaults to
-    config.data.image_size, `seed` to config.data.shuffle_seed, the process to JAX's. `ordered`:
-    one pass in a fixed order whatever the split (the eval split's order; webdataset: no shuffle
-    buffer), for jobs that read a split once, such as `muse-jax data tokenize`.
+    Examples: {"image": uint8 [S, S, 3], "caption": str, "key": str, "skip": "" | kind, and the
+    micro-conditions "original_size", "crop_top_left": int32 [2], "aesthetic_score": float32
+    (preprocess's module docstring)}; bad records keep their place with `skip` set (`Batches`
+    drops and counts them). `image_size` defaults to config.data.image_size, `seed` to
+    config.data.shuffle_seed, the process to JAX's. `ordered`: one pass in a fixed order whatever
+    the split (the eval split's order; webdataset: no shuffle buffer), for jobs that read a split
+    once, such as `muse-jax data tokenize`.
     """
     if data_config.get("name") == "shapes":
         raise ValueError("config.data.name='shapes' is read by muse_jax.data.sources.make_source, not image_text")
@@ -135,6 +140,7 @@ def make_dataset(data_config, split: str, *, image_size: int | None = None, seed
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     workers = int(_field(data_config, "workers", source))
+    aesthetic_key = data_config.get("aesthetic_key", "")
 
     if source == "webdataset":
         from muse_jax.data import webdataset
@@ -143,10 +149,11 @@ def make_dataset(data_config, split: str, *, image_size: int | None = None, seed
         shuffle_buffer = 0 if ordered else int(_field(data_config, "shuffle_buffer", source))
         ds = webdataset.dataset(files, seed=options.seed, shuffle_buffer=shuffle_buffer,
                                 process_index=process_index, process_count=process_count,
-                                caption_key=data_config.caption_key, num_epochs=1 if one_pass else None)
+                                caption_key=data_config.caption_key, aesthetic_key=aesthetic_key,
+                                num_epochs=1 if one_pass else None)
         ds = ds.map(functools.partial(preprocess.example, options=options))
     else:
-        records, block_sizes = _map_source(data_config, source, kind, process_index, process_count)
+        records, block_sizes = _map_source(data_config, source, kind, process_index, process_count, aesthetic_key)
         if len(records) == 0:
             raise ValueError(f"config.data: process {process_index} of {process_count} has no {split} records "
                              f"(source={source!r})")
@@ -162,8 +169,8 @@ def make_dataset(data_config, split: str, *, image_size: int | None = None, seed
     return ds
 
 
-def _map_source(data_config, source: str, kind: str, process_index: int,
-                process_count: int) -> tuple[grain.MapDataset, list[int] | None]:
+def _map_source(data_config, source: str, kind: str, process_index: int, process_count: int,
+                aesthetic_key: str) -> tuple[grain.MapDataset, list[int] | None]:
     """This process's share of the split's raw records (folder, parquet or tfds), and for parquet
     the rows of each of its row groups (None: records may be read in any order)."""
     if source == "tfds":
@@ -173,17 +180,18 @@ def _map_source(data_config, source: str, kind: str, process_index: int,
         records = tfds_captions.TfdsSource(
             data_config.tfds_name, split=_required(data_config, split_field, source),
             data_dir=_field(data_config, "tfds_data_dir", source), image_key=data_config.image_key,
-            caption_key=data_config.caption_key, split_field=f"config.data.{split_field}")
+            caption_key=data_config.caption_key, split_field=f"config.data.{split_field}", aesthetic_key=aesthetic_key)
         return grain.MapDataset.source(records)[process_index::process_count], None
     files, field = _files(data_config, kind, source)
     if source == "folder":
         try:
-            records = files_lib.FolderSource(files)
+            records = files_lib.FolderSource(files, aesthetic_key)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{field}: {e}") from None
         return grain.MapDataset.source(records)[process_index::process_count], None
     records = files_lib.ParquetSource(files, image_key=data_config.image_key, caption_key=data_config.caption_key,
-                                      process_index=process_index, process_count=process_count, field=field)
+                                      process_index=process_index, process_count=process_count, field=field,
+                                      aesthetic_key=aesthetic_key)
     return grain.MapDataset.source(records), records.block_sizes
 
 
@@ -206,6 +214,10 @@ def _prepare(index: int, record: dict, *, options: preprocess.Options, epoch_len
 
 class Batches:
     """Full batches of good examples from an image-text dataset; bad ones dropped and counted.
+
+    A batch: {"image": uint8 [B, S, S, 3], "caption": object [B] of str, "original_size": int32 [B, 2]
+    (width, height), "crop_top_left": int32 [B, 2] (top, left), "aesthetic_score": float32 [B] (NaN:
+    none)}; the micro-conditions as preprocess's module docstring defines them.
 
     Examples are pulled one at a time and batched here, so that `get_state` is exact at every
     batch boundary: a restored `Batches` continues with exactly the next example, skip totals kept.
@@ -230,7 +242,7 @@ class Batches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        images, captions = [], []
+        images, captions, sizes, crops, scores = [], [], [], [], []
         while len(images) < self.batch_size and not self._done:
             try:
                 ex = next(self._it)
@@ -243,11 +255,16 @@ class Batches:
             self._consecutive = 0
             images.append(ex["image"])
             captions.append(ex["caption"])
+            sizes.append(ex["original_size"])
+            crops.append(ex["crop_top_left"])
+            scores.append(ex["aesthetic_score"])
         if not images:
             raise StopIteration
         caption_array = np.empty(len(captions), object)
         caption_array[:] = captions
-        return {"image": np.stack(images), "caption": caption_array}
+        return {"image": np.stack(images), "caption": caption_array,
+                "original_size": np.stack(sizes).astype(np.int32), "crop_top_left": np.stack(crops).astype(np.int32),
+                "aesthetic_score": np.asarray(scores, np.float32)}
 
     def _count(self, kind: str, key: str) -> None:
         if kind not in self.skipped:

@@ -2,13 +2,25 @@
 
     options = preprocess.Options(size=256, min_size=128, max_aspect_ratio=2.0)
     ex = preprocess.example({"key": "a.jpg", "image": jpeg_bytes, "caption": b" a cat ", "skip": ""}, options)
-    ex == {"image": uint8 [256, 256, 3], "caption": "a cat", "key": "a.jpg", "skip": ""}
+    # a 640 x 480 image:
+    ex == {"image": uint8 [256, 256, 3], "caption": "a cat", "key": "a.jpg", "skip": "",
+           "original_size": int32 [640, 480], "crop_top_left": int32 [0, 43], "aesthetic_score": float32 nan}
 
 A raw record's image is encoded bytes (JPEG, PNG, WebP, ...) or an already decoded uint8 array
 (as tfds gives); its caption is str, utf-8 bytes, a sequence of them (one is drawn per example
-and epoch) or None. A bad record never raises: it comes back as a zero image with `skip` set to
-one of SKIP_KINDS, so that grain worker processes pass it on and `image_text.Batches` drops and
+and epoch) or None; its optional "aesthetic_score" is whatever the reader found (a number, or
+anything else for none). A bad record never raises: it comes back as a zero image with `skip` set
+to one of SKIP_KINDS, so that grain worker processes pass it on and `image_text.Batches` drops and
 counts it in the main process. Only programming and configuration errors raise.
+
+Each example also carries aMUSEd's (and SDXL's) micro-conditions, as diffusers' aMUSEd training
+script computes them (it resizes the shorter side to S, then crops an S x S square):
+  original_size    int32 [2]: (width, height) of the image as shown (EXIF orientation applied),
+                   before any resize; the full size even when a JPEG is decoded at a reduced scale.
+  crop_top_left    int32 [2]: (top, left) of the crop in the pixels of the image resized so that its
+                   shorter side is S: the crop's offset in the original times S / shorter side,
+                   rounded half up, at most floor(S * long / short) - S (torchvision's resized size).
+  aesthetic_score  float32 []: the record's score, NaN when it has none or it is not a finite number.
 """
 from __future__ import annotations
 
@@ -16,6 +28,7 @@ import dataclasses
 import hashlib
 import io
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -66,10 +79,12 @@ class Options:
 
 
 def example(record: dict[str, Any], options: Options, epoch: int = 0) -> dict[str, Any]:
-    """One raw record {"key", "image", "caption", "skip"} -> {"image": uint8 [S, S, 3], "caption", "key", "skip"}.
+    """One raw record {"key", "image", "caption", "skip"(, "aesthetic_score")} -> {"image": uint8 [S, S, 3],
+    "caption", "key", "skip", "original_size", "crop_top_left", "aesthetic_score"} (module docstring).
 
-    `skip` is "" for a good example; otherwise one of SKIP_KINDS (or the reader's own kind) and
-    the image is zeros. `epoch` varies the random crop and the caption drawn from a sequence.
+    `skip` is "" for a good example; otherwise one of SKIP_KINDS (or the reader's own kind), the
+    image and micro-conditions are zeros and the score NaN. `epoch` varies the random crop and the
+    caption drawn from a sequence.
     """
     if PIL.ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images would "
@@ -103,11 +118,28 @@ def example(record: dict[str, Any], options: Options, epoch: int = 0) -> dict[st
     if turned:
         width, height = height, width
     box = _crop_box(width, height, options, rng)
+    crop_top_left = _resized_offset(box, width, height, options.size)
     sx, sy = img.width / width, img.height / height  # < 1 when draft decoded at a reduced scale
     box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
     # One antialiased resize of the crop box (reducing_gap: a box reduction first, then bicubic).
     out = img.resize((options.size, options.size), PIL.Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
-    return {"image": np.asarray(out, np.uint8), "caption": caption, "key": key, "skip": ""}
+    return {"image": np.asarray(out, np.uint8), "caption": caption, "key": key, "skip": "",
+            "original_size": np.array([width, height], np.int32), "crop_top_left": crop_top_left,
+            "aesthetic_score": aesthetic_score(record.get("aesthetic_score"))}
+
+
+def aesthetic_score(value) -> np.float32:
+    """A record's aesthetic score as float32: a real number or numeric text; NaN for anything else
+    (None, booleans, other text, NaN, or beyond float32's range)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, str, bytes)):
+        return np.float32(np.nan)
+    try:
+        score = float(value)
+    except (ValueError, OverflowError):
+        return np.float32(np.nan)
+    return np.float32(score) if abs(score) <= float(np.finfo(np.float32).max) else np.float32(np.nan)
 
 
 def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
@@ -155,6 +187,14 @@ def _crop_box(width: int, height: int, options: Options, rng: np.random.Generato
     return left, top, left + short, top + short
 
 
+def _resized_offset(box: tuple[float, float, float, float], width: int, height: int, size: int) -> np.ndarray:
+    """int32 [2] (top, left) of `box` (original pixels) in the image resized to shorter side `size`."""
+    short, long = min(width, height), max(width, height)
+    largest = size * long // short - size  # torchvision's resized long side is int(size * long / short)
+    # An offset is a whole or half pixel: 2 * offset is exact; floor(offset * size / short + 1/2) in integers.
+    return np.array([min((int(2 * o) * size + short) // (2 * short), largest) for o in (box[1], box[0])], np.int32)
+
+
 def _caption(value, rng: np.random.Generator) -> tuple[str, str]:
     """(caption, "") or ("", skip kind); from a sequence one non-empty caption is drawn with `rng`."""
     if value is None:
@@ -189,4 +229,6 @@ def _rng(seed: int, key: str, epoch: int) -> np.random.Generator:
 
 def _skipped(key: str, kind: str, size: int) -> dict[str, Any]:
     """A placeholder of the same structure as a good example, with `skip` set."""
-    return {"image": np.zeros((size, size, 3), np.uint8), "caption": "", "key": key, "skip": kind}
+    return {"image": np.zeros((size, size, 3), np.uint8), "caption": "", "key": key, "skip": kind,
+            "original_size": np.zeros(2, np.int32), "crop_top_left": np.zeros(2, np.int32),
+            "aesthetic_score": np.float32(np.nan)}

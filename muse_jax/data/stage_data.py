@@ -40,14 +40,15 @@ class StageData:
 
 
 class TextBatches:
-    """Batches of images and captions -> images and the captions' sentencepiece ids.
+    """Batches of images and captions -> the `keep` fields (images) and the captions' token ids
+    (`text_tokenizer(captions) -> (ids, mask)`: sentencepiece for T5, CLIP's BPE for aMUSEd).
 
     Passes the inner iterator's checkpoint protocol (get_state / set_state / start_prefetch) and
     its skip counts (`skipped`, `metrics()`) through.
     """
 
-    def __init__(self, batches, spm):
-        self.batches, self.spm = batches, spm
+    def __init__(self, batches, text_tokenizer, keep: tuple[str, ...] = ("image",)):
+        self.batches, self.spm, self.keep = batches, text_tokenizer, tuple(keep)
 
     def __iter__(self):
         return self
@@ -55,7 +56,7 @@ class TextBatches:
     def __next__(self) -> dict[str, np.ndarray]:
         b = next(self.batches)
         ids, mask = self.spm(list(b["caption"]))
-        return {"image": b["image"], "text_ids": ids.astype(np.int32), "text_mask": mask}
+        return {**{k: b[k] for k in self.keep}, "text_ids": ids.astype(np.int32), "text_mask": mask}
 
     @property
     def skipped(self) -> dict[str, int]:

@@ -2,7 +2,8 @@
 
     src = tfds_captions.TfdsSource("coco_captions", split="train", data_dir="/data/tfds",
                                    image_key="image", caption_key="captions/text")
-    src[0] == {"key": "coco_captions/train/0", "image": b"\\xff\\xd8...", "caption": [b"A man ...", ...], "skip": ""}
+    src[0] == {"key": "coco_captions/train/0", "image": b"\\xff\\xd8...", "caption": [b"A man ...", ...],
+               "aesthetic_score": None, "skip": ""}
 
 The dataset must already be prepared in array_record format under `data_dir` (nothing is
 downloaded); it is opened from its files (`dataset_info.json`), so no builder code is imported.
@@ -11,7 +12,8 @@ contain "/" themselves (`image/filename`); empty keys name the common layout: im
 caption the first of CAPTION_KEYS the dataset has (coco_captions: "captions/text"). Image
 features come back as their encoded bytes, so that a corrupt image is skipped by
 `preprocess.example` instead of failing here; a caption sequence comes back whole (preprocess
-draws one per example and epoch).
+draws one per example and epoch). With an `aesthetic_key`, that feature's value comes back as
+"aesthetic_score" (preprocess makes NaN of anything not a number); without one, None.
 """
 from __future__ import annotations
 
@@ -69,10 +71,10 @@ def _get(example, path: tuple[str, ...]):
 
 
 class TfdsSource:
-    """Split `split` of the prepared tfds dataset `name` as raw records (key, image, caption, skip)."""
+    """Split `split` of the prepared tfds dataset `name` as raw records (key, image, caption, aesthetic_score, skip)."""
 
     def __init__(self, name: str, *, split: str, data_dir: str, image_key: str, caption_key: str,
-                 split_field: str = "config.data.tfds_train_split"):
+                 split_field: str = "config.data.tfds_train_split", aesthetic_key: str = ""):
         try:
             builder = read_only_builder.builder_from_files(name, data_dir=data_dir or None)
         except Exception as e:  # noqa: BLE001  (tfds raises several kinds for "not there")
@@ -86,7 +88,9 @@ class TfdsSource:
             caption_key = next((k for k in CAPTION_KEYS if _resolve(features, k)), CAPTION_KEYS[0])
         self.image_path = _resolve(features, image_key)
         self.caption_path = _resolve(features, caption_key)
-        for field, key, path in (("image_key", image_key, self.image_path), ("caption_key", caption_key, self.caption_path)):
+        self.aesthetic_path = _resolve(features, aesthetic_key) if aesthetic_key else ()
+        for field, key, path in (("image_key", image_key, self.image_path), ("caption_key", caption_key, self.caption_path),
+                                 ("aesthetic_key", aesthetic_key, self.aesthetic_path)):
             if path is None:
                 raise ValueError(f"config.data.{field}: no feature {key!r} in {name}; its features: "
                                  f"{', '.join(_names(features))}")
@@ -125,7 +129,8 @@ class TfdsSource:
     def __getitem__(self, i: int) -> dict:
         ex = self._data[i]
         return {"key": f"{self.name}/{self.split}/{i}", "image": _get(ex, self.image_path),
-                "caption": _get(ex, self.caption_path), "skip": ""}
+                "caption": _get(ex, self.caption_path),
+                "aesthetic_score": _get(ex, self.aesthetic_path) if self.aesthetic_path else None, "skip": ""}
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, split={self.split!r}, image={self.image_path}, caption={self.caption_path})"

@@ -4,14 +4,16 @@
     ds = webdataset.dataset(files, seed=0, shuffle_buffer=1000,
                             process_index=jax.process_index(), process_count=jax.process_count())
     it = iter(ds.map(decode))     # it.get_state() / it.set_state(state): resume on the exact next record
-    record = next(it)             # {"key": str, "image": bytes | None, "caption": str | None, "skip": str}
+    record = next(it)             # {"key", "image": bytes | None, "caption": str | None, "aesthetic_score", "skip"}
 
 Layout: a shard holds samples made of consecutive members that share a key. The key is the
 member name up to the first dot of its basename, folders included ("d/0001.jpg" -> "d/0001").
 A member's kind is the last part of its extension, in any case ("d/0001.x.JPG" is a jpg). A
 sample's image is its first jpg/jpeg/png/webp member; its caption is its .txt member, else the
-`caption_key` field of its .json member ("" = "caption", img2dataset's), else None. Members
-without a key, and members that are not regular files, are skipped. Images stay encoded.
+`caption_key` field of its .json member ("" = "caption", img2dataset's), else None. Its
+"aesthetic_score" is the `aesthetic_key` field of its .json member as written, else None (also
+for an empty aesthetic_key; preprocess makes NaN of anything not a number). Members without a
+key, and members that are not regular files, are skipped. Images stay encoded.
 
 Bad data never raises; it gives a record with `skip` set. "bad_member": a sample without an
 image, with a caption that cannot be decoded, or with a member given twice. "truncated_tar":
@@ -67,11 +69,20 @@ def split_name(name: str) -> tuple[str, str] | None:
     return folder + slash + stem, extension.lower()
 
 
-def _record(key: str, image: bytes | None = None, caption: str | None = None, skip: str = "") -> dict:
-    return {"key": key, "image": image, "caption": caption, "skip": skip}
+def _record(key: str, image: bytes | None = None, caption: str | None = None, skip: str = "", aesthetic=None) -> dict:
+    return {"key": key, "image": image, "caption": caption, "aesthetic_score": aesthetic, "skip": skip}
 
 
-def _sample(key: str, members: dict[str, bytes], caption_key: str) -> dict:
+def _json_field(data: bytes, key: str):
+    """Field `key` of a .json member; None when it is absent or the member is not a JSON object."""
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        return None
+    return meta.get(key) if isinstance(meta, dict) else None
+
+
+def _sample(key: str, members: dict[str, bytes], caption_key: str, aesthetic_key: str = "") -> dict:
     """The record of one sample from its members ({extension: data}); a bad sample gets skip "bad_member".
 
     A member's kind is the last part of its extension, as webdataset's decoders read it ("b.jpg" is a jpg)."""
@@ -92,7 +103,8 @@ def _sample(key: str, members: dict[str, bytes], caption_key: str) -> dict:
             caption = None
     except ValueError:  # bytes that are not UTF-8 or not JSON
         return _record(key, skip=BAD_MEMBER)
-    return _record(key, image, caption)
+    aesthetic = _json_field(by_kind["json"], aesthetic_key) if aesthetic_key and "json" in by_kind else None
+    return _record(key, image, caption, aesthetic=aesthetic)
 
 
 class _EndMarkingTarInfo(tarfile.TarInfo):
@@ -108,7 +120,7 @@ class _EndMarkingTarInfo(tarfile.TarInfo):
             raise
 
 
-def read_shard(path: str, caption_key: str = "caption") -> Iterator[dict]:
+def read_shard(path: str, caption_key: str = "caption", aesthetic_key: str = "") -> Iterator[dict]:
     """Every record of one tar shard in order. A cut or corrupt tar ends with one "truncated_tar" record."""
     with paths.as_path(path).open("rb") as f:
         key, members, duplicate, partial = None, {}, False, False
@@ -121,7 +133,8 @@ def read_shard(path: str, caption_key: str = "caption") -> Iterator[dict]:
                     continue
                 if name[0] != key:
                     if key is not None:
-                        yield _record(key, skip=BAD_MEMBER) if duplicate else _sample(key, members, caption_key)
+                        yield (_record(key, skip=BAD_MEMBER) if duplicate
+                               else _sample(key, members, caption_key, aesthetic_key))
                     key, members, duplicate = name[0], {}, False
                 duplicate |= name[1] in members
                 partial = True
@@ -132,7 +145,7 @@ def read_shard(path: str, caption_key: str = "caption") -> Iterator[dict]:
             complete = False
         # The last sample counts if its members were read whole; one cut short is lost with the rest.
         if key is not None and not partial:
-            yield _record(key, skip=BAD_MEMBER) if duplicate else _sample(key, members, caption_key)
+            yield _record(key, skip=BAD_MEMBER) if duplicate else _sample(key, members, caption_key, aesthetic_key)
         if not complete:
             yield _record(path, skip=TRUNCATED_TAR)
 
@@ -147,7 +160,7 @@ class WebDataset(grain.IterDataset):
     """The records of tar shards for one process (see the module docstring); `dataset` builds it."""
 
     def __init__(self, files: Sequence[str], *, seed: int, shuffle_buffer: int, process_index: int, process_count: int,
-                 caption_key: str = "caption", num_epochs: int | None = None):
+                 caption_key: str = "caption", aesthetic_key: str = "", num_epochs: int | None = None):
         super().__init__()
         if not files:
             raise ValueError("webdataset: no shard files given")
@@ -155,7 +168,7 @@ class WebDataset(grain.IterDataset):
             raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
         self.files = [str(f) for f in files]
         self.base_seed, self.shuffle_buffer, self.num_epochs = seed, shuffle_buffer, num_epochs
-        self.caption_key = caption_key or CAPTION_KEY
+        self.caption_key, self.aesthetic_key = caption_key or CAPTION_KEY, aesthetic_key
         self.shards = list(range(len(self.files)))  # the files this reader reads ...
         self.record_index, self.record_count = 0, 1  # ... keeping their records r with r % count == index
         self.readers = []  # [(index, count)] for the process, then for the mp_prefetch worker if any
@@ -213,7 +226,7 @@ class WebDatasetIterator(grain.DatasetIterator):
         while self._shard < len(self._order):
             file = self._order[self._shard]
             if self._reader is None:
-                self._reader = read_shard(ds.files[file], ds.caption_key)
+                self._reader = read_shard(ds.files[file], ds.caption_key, ds.aesthetic_key)
                 for _ in range(self._record):  # resuming mid-file: streams cannot seek
                     if next(self._reader, None) is None:
                         raise ValueError(f"{ds.files[file]} has fewer than {self._record} records; it changed "
@@ -278,12 +291,13 @@ class WebDatasetIterator(grain.DatasetIterator):
 
     def _read_again(self, origins: list[tuple[int, int]]) -> list[dict]:
         """The records at `origins`, read again from their files (each file once, up to the last one needed)."""
+        ds = self._ds
         wanted: dict[int, set[int]] = {}
         for file, r in origins:
             wanted.setdefault(file, set()).add(r)
         found = {}
         for file in sorted(wanted):
-            with contextlib.closing(read_shard(self._ds.files[file], self._ds.caption_key)) as records:
+            with contextlib.closing(read_shard(ds.files[file], ds.caption_key, ds.aesthetic_key)) as records:
                 for r, record in zip(range(max(wanted[file]) + 1), records):
                     if r in wanted[file]:
                         found[file, r] = record
@@ -307,7 +321,8 @@ class WebDatasetIterator(grain.DatasetIterator):
 
 
 def dataset(files: list[str], *, seed: int, shuffle_buffer: int, process_index: int, process_count: int,
-            caption_key: str = "caption", num_epochs: int | None = None) -> grain.IterDataset:
+            caption_key: str = "caption", aesthetic_key: str = "", num_epochs: int | None = None) -> grain.IterDataset:
     """This process's raw records of the tar shards `files` (see the module docstring for order and state)."""
     return WebDataset(files, seed=seed, shuffle_buffer=shuffle_buffer, process_index=process_index,
-                      process_count=process_count, caption_key=caption_key, num_epochs=num_epochs)
+                      process_count=process_count, caption_key=caption_key, aesthetic_key=aesthetic_key,
+                      num_epochs=num_epochs)

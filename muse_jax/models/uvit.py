@@ -117,6 +117,7 @@ class UVit2DConfig:
     ln_elementwise_affine: bool = True
     sample_size: int = 64  # diffusers' nominal token grid side (no parameter depends on it)
     dtype: str = "float32"  # activation / compute dtype; parameters stay float32
+    remat: bool = False  # recompute each transformer layer's activations in the backward pass (saves memory)
 
     def __post_init__(self):
         for f in ("hidden_size", "cond_embed_dim", "micro_cond_encode_dim", "micro_cond_embed_dim",
@@ -220,10 +221,11 @@ class Linear(nn.Module):
         lead = x.shape[: x.ndim - self.n_in]
         n_out = len(self.out_shape)
         kernel = _param(self, "kernel", self.axes, (*in_shape, *self.out_shape), _fan_in_init(self.n_in, n_out))
-        # One 2-D matmul: [rows, prod(in)] @ [prod(in), prod(out)].
-        y = x.astype(self.dtype).reshape(-1, math.prod(in_shape)) @ kernel.astype(self.dtype).reshape(
-            math.prod(in_shape), math.prod(self.out_shape))
-        y = y.reshape(*lead, *self.out_shape)
+        # x's last n_in axes against the kernel's first n_in, both in their own shapes: [*lead, *out_shape].
+        # A plain lax.dot_general on the parameter itself, so a wrapper that intercepts it (qwix's LoRA)
+        # recognises the kernel and names its adapters after the kernel's axes.
+        contract = (tuple(range(len(lead), x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
         if self.use_bias:
             y = y + _param(self, "bias", self.axes[self.n_in:], self.out_shape, nn.initializers.zeros).astype(y.dtype)
         return y
@@ -570,8 +572,9 @@ class UVit2D(nn.Module):
         # Transformer stack at width H.
         x = lin(h, ("mlp", "embed"), "project_to_hidden")(rms("project_to_hidden_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        layer = nn.remat(TransformerLayer) if cfg.remat else TransformerLayer
         for i in range(cfg.num_hidden_layers):
-            x = TransformerLayer(cfg, deterministic, name=f"transformer_layers_{i}")(x, cond, text)
+            x = layer(cfg, deterministic, name=f"transformer_layers_{i}")(x, cond, text)
         x = lin(c, ("mlp", "embed"), "project_from_hidden")(rms("project_from_hidden_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 

@@ -75,6 +75,7 @@ class Checkpointer:
         save_every: int = 1000,
         keep: int | None = 3,
         keep_every: int = 0,
+        keep_steps: tuple[int, ...] = (),
         async_save: bool = True,
     ):
         if save_every < 1:
@@ -86,9 +87,11 @@ class Checkpointer:
             self.directory = self.directory.absolute()
         self.save_every = int(save_every)
         policy = None
-        if keep_every:  # the newest `keep` checkpoints, and every one whose step is a multiple of keep_every
-            policy = checkpoint_managers.AnyPreservationPolicy(
-                [checkpoint_managers.LatestN(keep), checkpoint_managers.EveryNSteps(int(keep_every))])
+        # The newest `keep` checkpoints, every one whose step is a multiple of keep_every, and those of keep_steps.
+        extra = ([checkpoint_managers.EveryNSteps(int(keep_every))] if keep_every else []) + (
+            [checkpoint_managers.CustomSteps([int(s) for s in keep_steps])] if keep_steps else [])
+        if extra:
+            policy = checkpoint_managers.AnyPreservationPolicy([checkpoint_managers.LatestN(keep), *extra])
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if policy else keep,  # a policy replaces max_to_keep
             create=True,

@@ -19,15 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muse_jax import amused, distributed, image_ops, precision
 from muse_jax import config as config_lib
+from muse_jax import distributed, image_ops, precision
 from muse_jax import workdir as workdir_lib
 from muse_jax.data import image_text, shapes, sources, stage_data, token_cache, token_shards
 from muse_jax.data import loader as loader_lib
 from muse_jax.models import transformer as transformer_lib
 from muse_jax.training import checkpoint as ckpt_lib
+from muse_jax.training import finetune, online, partitioning, preview, stage_model
 from muse_jax.training import lock as lock_lib
-from muse_jax.training import online, partitioning, preview
+from muse_jax.training import lora as lora_lib
 from muse_jax.training import state as state_lib
 from muse_jax.training import step as step_lib
 from muse_jax.training import tokenize as tokenize_lib
@@ -233,6 +234,7 @@ def train_stage(
     workdir = workdir_lib.path(workdir)
     config = stage_config(config, stage)
     check_train_values(config.train)  # before anything is written
+    finetune.check_config(config, workdir)
     out_dir = workdir_lib.stage_dir(workdir, stage)
     with lock_lib.hold(out_dir, f"the {stage} stage", timeout_s=lock_lib.timeout_s(config)):
         lock_lib.check_writable(out_dir / "checkpoints")
@@ -254,40 +256,60 @@ def _train_locked_stage(config, workdir, stage: str, out_dir, *, data, stop_at, 
     partitioning.check_batch_divides(int(t.batch_size), mesh, rules)
     local_batch = loader_lib.per_process_batch_size(int(t.batch_size))
 
+    # An imported aMUSEd workdir is fine-tuned (training/finetune.py): its weights are checkpoint 0.
+    tune = finetune.is_finetune(workdir)
     if data is None:
-        data = workdir_stage_data(config, workdir, stage, mesh, rules)
+        data = finetune.amused_stage_data(config, workdir, mesh, rules) if tune else \
+            workdir_stage_data(config, workdir, stage, mesh, rules)
     if data.source is not None:
         it = iter(loader_lib.make_loader(data.source, batch_size=local_batch, seed=int(config.data.shuffle_seed)))
     else:
         it = data.batches(local_batch)
 
-    model = workdir_lib.build_stage_model(config, stage)
-    create, abstract, shardings = state_lib.state_setup(config, model, mesh, rules)
+    model = finetune.build_model(config, workdir) if tune else workdir_lib.build_stage_model(config, stage)
+    spec = lora_lib.LoraSpec.from_config(config)
+    if spec is not None and not tune:
+        raise ValueError("config.lora.rank > 0: LoRA fine-tunes an imported aMUSEd workdir; set config.lora.rank=0")
+    create, abstract, shardings = state_lib.state_setup(config, model, mesh, rules,
+                                                        select=None if spec is None else lora_lib.adapters_only)
+    base = combine = None
+    if spec is not None:  # the frozen weights beside the trained adapters
+        base_shardings = partitioning.state_shardings(lora_lib.split(state_lib.abstract_params(model, config))[0],
+                                                      mesh, rules)
+        base = (finetune.base_params(workdir, base_shardings, state_lib.param_dtype(config)), base_shardings)
+        combine = lora_lib.combine
     ckpt = ckpt_lib.Checkpointer(out_dir / "checkpoints", save_every=int(t.checkpoint_every), keep=t.keep_checkpoints,
-                                 keep_every=int(t.get("keep_every", 0)))
+                                 keep_every=int(t.get("keep_every", 0)),
+                                 keep_steps=(finetune.BASE_STEP,) if tune else ())
     rng = jax.random.key(int(config.seed))
     init_rng, step_rng, sample_rng = jax.random.split(rng, 3)
     start = 0
     # Unbox outside axis_rules: inside it flax constrains the abstract leaves and
     # fails ("must be a NamedSharding ... AbstractMesh") when resuming on a multi-device mesh.
     target = ckpt_lib.abstract_with_shardings(nn.unbox(abstract), shardings)
-    with partitioning.axis_rules(mesh, rules):
-        if ckpt.latest_step() is not None:
+    fresh = ckpt.latest_step() is None or (tune and ckpt.latest_step() == finetune.BASE_STEP)
+    if not fresh:
+        with partitioning.axis_rules(mesh, rules):
             state, start = ckpt.restore(target, data_iterator=it)
-            log.info("resumed %s from step %d", stage, start)
-        else:
-            state = jax.jit(lambda r: nn.unbox(create(r)), out_shardings=shardings)(init_rng)
-    if start == 0 and t.get("init_from", ""):  # outside axis_rules, like the restore target above
+        log.info("resumed %s from step %d", stage, start)
+    else:  # outside the rules: qwix's LoRA init unboxes a kernel's names onto its lower-rank adapters there
+        state = jax.jit(lambda r: nn.unbox(create(r)), out_shardings=shardings)(init_rng)
+    if start == 0 and tune and spec is None:  # full fine-tuning starts from the imported weights
+        state = state_lib.replace_params(state, shardings, finetune.base_params(
+            workdir, shardings.params, state_lib.param_dtype(config)))
+    elif start == 0 and t.get("init_from", ""):  # outside axis_rules, like the restore target above
         state = state_lib.warm_start(state, shardings, workdir, stage, str(t.init_from), mesh, rules, quiet)
     # The config the stage is trained with: written once the checks, the restore and the warm start have
     # passed, so that a refused `train` leaves the config of a working stage as it was.
-    if jax.process_index() == 0:
+    if tune:
+        finetune.write_run_config(config, workdir)
+    elif jax.process_index() == 0:
         config_lib.save_config(config, out_dir / "config.json")
 
     batch_keys = {k: np.asarray(v).ndim + 1 for k, v in data.first_example().items()}
     empty = {k: jnp.asarray(v) for k, v in data.empty_text.items()}
     train_step = step_lib.make_train_step(config, model, mesh, shardings, empty_text=empty, rules=rules,
-                                          batch_keys=batch_keys, prepare=data.prepare)
+                                          batch_keys=batch_keys, prepare=data.prepare, base=base, combine=combine)
 
     writer = writer_lib.MetricWriter(out_dir / "tb", console=not quiet)
     n_params = transformer_lib.count_params(state.params)
@@ -297,10 +319,12 @@ def _train_locked_stage(config, workdir, stage: str, out_dir, *, data, stop_at, 
         # From shapes only: parameters sharded across hosts cannot be gathered onto one.
         shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
         print(parameter_overview.get_parameter_overview(shapes, include_stats=False))
-        writer.write_hparams({"stage": stage, "params": n_params, **config.train.to_dict(), **config[stage].to_dict()})
-    tokens_per_step = int(t.batch_size) * model.config.num_tokens
+        writer.write_hparams({"stage": stage, "params": n_params, **config.train.to_dict(),
+                              **(config[stage].to_dict() if stage in config else {})})
+    tokens_per_step = int(t.batch_size) * stage_model.num_tokens(model)
     abstract_inputs = state_lib.abstract_inputs(model, config, int(t.batch_size))
-    flops_per_step = 3.0 * step_lib.forward_flops(model, nn.unbox(abstract).params, abstract_inputs)
+    flops_per_step = 0.0 if spec is not None else \
+        3.0 * step_lib.forward_flops(model, nn.unbox(abstract).params, abstract_inputs)
     peak = step_lib.peak_flops_per_device(t) * jax.device_count()
 
     losses, step_times = {}, []
@@ -411,7 +435,8 @@ def skipped_records(it) -> dict[str, int]:
 def train(config, workdir, stages=config_lib.STAGES, quiet: bool = False) -> list[dict]:
     """Trains the given stages in order (each resumes if it has checkpoints); a stage stopped by SIGTERM
     ends the run there (the summaries of the stages run so far are returned)."""
-    amused.refuse_training(workdir)
+    if finetune.is_finetune(workdir):  # one stage: the UVit2D
+        stages = ("base",)
     out = []
     for stage in stages:
         r = train_stage(config, workdir, stage, quiet=quiet)

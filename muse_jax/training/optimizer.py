@@ -16,6 +16,8 @@ parameter's normalized update is clipped to RMS 1 before the momentum. The step 
 The momentum mirrors the parameters (and is sharded like them); the factored statistics are small
 and replicated.
 Both optimizers clip the gradients' global norm to `grad_clip` first (when > 0).
+`optimizer_state_dtype` ("" = the parameters' dtype) keeps the optimizer's arithmetic and state in
+another dtype (float32 moments for bfloat16 parameters, or bfloat16 moments to save memory).
 """
 from __future__ import annotations
 
@@ -129,4 +131,27 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
     else:
         raise ValueError(f"unknown optimizer {t.optimizer!r}; expected 'adamw' or 'adafactor'")
     chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip and t.grad_clip > 0 else []
-    return optax.chain(*chain, opt)
+    tx = optax.chain(*chain, opt)
+    state_dtype = t.get("optimizer_state_dtype", "")
+    return with_state_dtype(tx, state_dtype) if state_dtype else tx
+
+
+def with_state_dtype(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """`inner` computing in and keeping its state (moments) in `dtype` ("float32", "bfloat16"), whatever the
+    parameters' dtype: bfloat16 parameters with float32 moments, or float32 parameters with bfloat16 ones.
+    The updates come back in each gradient's dtype."""
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"config.train.optimizer_state_dtype={str(dtype)!r}: expected a float dtype")
+
+    def cast(tree):
+        return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params):
+        return inner.init(cast(params))
+
+    def update(grads, state, params=None):
+        updates, state = inner.update(cast(grads), state, None if params is None else cast(params))
+        return jax.tree_util.tree_map(lambda u, g: u.astype(g.dtype), updates, grads), state
+
+    return optax.GradientTransformation(init, update)

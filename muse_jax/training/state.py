@@ -15,23 +15,38 @@ from muse_jax import config as config_lib
 from muse_jax import workdir as workdir_lib
 from muse_jax.models import transformer as transformer_lib
 from muse_jax.training import optimizer as optimizer_lib
-from muse_jax.training import partitioning
+from muse_jax.training import partitioning, stage_model
 from muse_jax.training import step as step_lib
 
 
 def abstract_inputs(model, config, batch: int = 1):
     """Abstract model inputs of `batch` examples (text of `config.text.max_length` tokens)."""
-    return transformer_lib.dummy_inputs(model, batch, int(config.text.max_length))
+    return stage_model.dummy_inputs(model, batch, int(config.text.max_length))
 
 
-def state_setup(config, model, mesh, rules):
-    """(create_fn(rng) -> boxed TrainState, abstract boxed state, state shardings)."""
+def param_dtype(config) -> str:
+    """config.train.param_dtype: the dtype parameters are kept (and trained) in, "float32" or "bfloat16"."""
+    name = str(config.train.get("param_dtype", "float32"))
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"config.train.param_dtype={name!r}: expected 'float32' or 'bfloat16'")
+    return name
+
+
+def abstract_params(model, config):
+    """The model's boxed parameters (logical axis names) as ShapeDtypeStructs."""
+    inputs = abstract_inputs(model, config)
+    return jax.eval_shape(lambda: stage_model.init_params(model, jax.random.key(0), inputs))
+
+
+def state_setup(config, model, mesh, rules, select=None):
+    """(create_fn(rng) -> boxed TrainState, abstract boxed state, state shardings). `select(params)`: the
+    part of the model's parameters that is trained (LoRA: the adapters); default all of them."""
     tx = optimizer_lib.make_optimizer(config.train)
     inputs = abstract_inputs(model, config)
     ema = float(config.train.ema_decay) > 0
 
     def create(rng):
-        return step_lib.create_state(model, tx, rng, inputs, ema=ema)
+        return step_lib.create_state(model, tx, rng, inputs, ema=ema, param_dtype=param_dtype(config), select=select)
 
     abstract = jax.eval_shape(create, jax.random.key(0))
     return create, abstract, partitioning.state_shardings(abstract, mesh, rules)
@@ -85,6 +100,14 @@ def stage_param_shardings(workdir, stage: str, mesh, rules):
     return partitioning.state_shardings(boxed, mesh, rules)
 
 
+def replace_params(state, shardings, params):
+    """`state` starting from `params` (fresh optimizer state; the EMA, where kept, starts from them too), each
+    a buffer of its own on `shardings` (the step donates params and EMA params)."""
+    place = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=shardings.params)
+    ema = None if state.ema_params is None else place(params)
+    return state.replace(params=place(params), ema_params=ema)
+
+
 def warm_start(state, shardings, workdir, stage: str, source_stage: str, mesh, rules, quiet: bool = False):
     """config.train.init_from: start `stage` from `source_stage`'s trained weights (fresh optimizer).
 
@@ -101,8 +124,4 @@ def warm_start(state, shardings, workdir, stage: str, source_stage: str, mesh, r
     if not quiet:
         n = len(jax.tree_util.tree_leaves(params))
         print(f"{stage}: {len(copied)} of {n} parameter arrays start from the trained {source_stage} stage")
-    # Fresh buffers of their own on the target shardings: the train step donates params and EMA
-    # params (the EMA starts from the same weights), so the two must not share one.
-    place = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=shardings.params)
-    ema = None if state.ema_params is None else place(params)
-    return state.replace(params=place(params), ema_params=ema)
+    return replace_params(state, shardings, params)

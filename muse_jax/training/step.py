@@ -24,9 +24,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from muse_jax import masking, precision
-from muse_jax.models import transformer as transformer_lib
 from muse_jax.training import optimizer as optimizer_lib
-from muse_jax.training import partitioning
+from muse_jax.training import partitioning, stage_model
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -38,9 +37,11 @@ class TrainState(flax.struct.PyTreeNode):
     ema_params: Any = None
 
 
-def create_state(model, tx, rng, inputs, ema: bool = False) -> TrainState:
-    """A fresh TrainState with boxed params (use under jax.eval_shape / jit + nn.unbox)."""
-    boxed = transformer_lib.init_params(model, rng, inputs)
+def create_state(model, tx, rng, inputs, ema: bool = False, param_dtype: str = "float32", select=None) -> TrainState:
+    """A fresh TrainState with boxed params of `param_dtype` (use under jax.eval_shape / jit + nn.unbox);
+    `select(params)` picks the trained ones (LoRA: the adapters)."""
+    boxed = stage_model.init_params(model, rng, inputs)
+    boxed = jax.tree_util.tree_map(lambda x: x.astype(param_dtype), boxed if select is None else select(boxed))
     params = nn.unbox(boxed)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -69,35 +70,35 @@ def masked_cross_entropy(logits, targets, mask, label_smoothing: float = 0.0):
     return loss, acc
 
 
-def make_loss_fn(config, model, empty_text: dict[str, jax.Array] | None = None) -> Callable:
-    """loss_fn(params, batch, rng) -> (loss, aux); batch as produced by the data pipeline.
+def make_loss_fn(config, model, empty_text: dict[str, jax.Array] | None = None, combine=None) -> Callable:
+    """loss_fn(params, batch, rng, base=None) -> (loss, aux); batch as produced by the data pipeline.
 
-    batch: tokens [B, N] int32, text_ids [B, L] (joint T5) or text_emb [B, L, D] (cached),
-    text_mask [B, L] bool, and for super-res lowres_tokens [B, n]. `empty_text` holds the
-    empty prompt's `text_ids`/`text_emb` and `text_mask` [L] used for dropped captions.
+    batch: tokens [B, N] int32 and the model's other inputs (`stage_model`): for Muse text_ids [B, L]
+    (joint T5) or text_emb [B, L, D], text_mask [B, L] and for super-res lowres_tokens [B, n]; for
+    aMUSEd text_states, pooled_text and micro_conds. `empty_text` holds the empty prompt's text
+    inputs (each [L, ...] or [P]), which replace a dropped caption's, key by key. With `combine`
+    (LoRA), the model is applied to `combine(base, params)`: `params` are the trained adapters and
+    `base` the frozen weights.
     """
     t = config.train
     mask_id = model.mask_token_id
-    text_key = "text_ids" if model.text_encoder_config is not None else "text_emb"
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, base=None):
         mask_rng, drop_rng, dropout_rng = jax.random.split(rng, 3)
         tokens = batch["tokens"].astype(jnp.int32)
         inputs, mask = masking.mask_tokens(mask_rng, tokens, mask_id, t.mask_schedule)
-        text, text_mask = batch[text_key], batch["text_mask"]
+        model_inputs = {**batch, "tokens": inputs}
         if t.text_drop_rate > 0:
-            if empty_text is None:
+            if not empty_text:
                 raise ValueError("text_drop_rate > 0 needs the empty prompt (empty_text)")
             drop = jax.random.bernoulli(drop_rng, t.text_drop_rate, (tokens.shape[0],))
-            e = empty_text[text_key].astype(text.dtype)
-            text = jnp.where(drop.reshape((-1,) + (1,) * (text.ndim - 1)), e[None], text)
-            text_mask = jnp.where(drop[:, None], empty_text["text_mask"][None], text_mask)
-        model_inputs = {"tokens": inputs, text_key: text, "text_mask": text_mask}
-        if model.config.is_superres:
+            for key, e in empty_text.items():
+                x = batch[key]
+                model_inputs[key] = jnp.where(drop.reshape((-1,) + (1,) * (x.ndim - 1)), e.astype(x.dtype)[None], x)
+        if "lowres_tokens" in batch:
             model_inputs["lowres_tokens"] = batch["lowres_tokens"].astype(jnp.int32)
-        logits = transformer_lib.apply(
-            model, params, model_inputs, deterministic=False, rngs={"dropout": dropout_rng}
-        )
+        full = params if combine is None else combine(base, params)
+        logits = stage_model.apply(model, full, model_inputs, deterministic=False, rngs={"dropout": dropout_rng})
         loss, acc = masked_cross_entropy(logits, tokens, mask, t.label_smoothing)
         return loss, {"accuracy": acc, "mask_rate": mask.astype(jnp.float32).mean()}
 
@@ -105,33 +106,35 @@ def make_loss_fn(config, model, empty_text: dict[str, jax.Array] | None = None) 
 
 
 def make_train_step(config, model, mesh, state_shardings, *, empty_text=None, rules=None, batch_keys=None,
-                    prepare=None):
+                    prepare=None, base=None, combine=None):
     """A jitted `(state, batch, rng) -> (state, metrics)` with named shardings, donated state.
 
     `state_shardings` is the TrainState of NamedShardings (partitioning.state_shardings);
     the batch is sharded along the rules' batch axes, metrics are replicated. `prepare` (an
     `online.Prepare`) turns the batch's images (and text ids) into tokens (and embeddings) inside
-    the step with its frozen parameters. The returned callable enters the mesh and the
-    logical-axis rules around the call (for activation constraints); `.jitted` is the bare
-    jitted function, `(state, batch, rng, frozen)`.
+    the step with its frozen parameters. `base` = (parameters, shardings) of frozen model weights
+    that `combine(base, state.params)` completes (LoRA: the state holds only the adapters). The
+    returned callable enters the mesh and the logical-axis rules around the call (for activation
+    constraints); `.jitted` is the bare jitted function, `(state, batch, rng, frozen)`, and
+    `(state, batch, rng, frozen, base)` with `base`.
     """
     rules = partitioning.logical_rules(config) if rules is None else rules
     t = config.train
-    loss_fn = make_loss_fn(config, model, empty_text)
+    loss_fn = make_loss_fn(config, model, empty_text, combine)
     schedule = optimizer_lib.learning_rate_schedule(t)
     tx = optimizer_lib.make_optimizer(t)
 
-    def step(state: TrainState, batch, rng, frozen):
+    def step(state: TrainState, batch, rng, frozen, base_params=None):
         if prepare is not None:
             batch = prepare.fn(frozen, batch)
         rng = jax.random.fold_in(rng, state.step)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, base_params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
             d = float(t.ema_decay)
-            ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+            ema = jax.tree_util.tree_map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)
         metrics = {
             "loss": loss,
             "accuracy": aux["accuracy"],
@@ -146,18 +149,22 @@ def make_train_step(config, model, mesh, state_shardings, *, empty_text=None, ru
     if batch_keys is not None:
         batch_sh = {k: partitioning.batch_sharding(mesh, rules, nd) for k, nd in batch_keys.items()}
     replicated = NamedSharding(mesh, P())
+    in_shardings = (state_shardings, batch_sh, replicated, None if prepare is None else prepare.shardings)
+    if base is not None:
+        in_shardings += (base[1],)
     jitted = precision.jit(
-        step,
+        step if base is not None else (lambda state, batch, rng, frozen: step(state, batch, rng, frozen)),
         t.get("matmul_precision", "default"),
-        in_shardings=(state_shardings, batch_sh, replicated, None if prepare is None else prepare.shardings),
+        in_shardings=in_shardings,
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
     frozen = None if prepare is None else prepare.frozen
+    extra = () if base is None else (base[0],)
 
     def run(state, batch, rng):
         with partitioning.axis_rules(mesh, rules):
-            return jitted(state, batch, rng, frozen)
+            return jitted(state, batch, rng, frozen, *extra)
 
     run.jitted = jitted
     run.mesh = mesh
@@ -169,7 +176,7 @@ def forward_flops(model, params_abstract, inputs_abstract) -> float:
     """Model FLOPs of one forward pass (XLA cost analysis; no rematerialisation counted)."""
 
     def fwd(params, inputs):
-        return transformer_lib.apply(model, params, inputs, deterministic=True)
+        return stage_model.apply(model, params, inputs, deterministic=True)
 
     try:
         cost = jax.jit(fwd).lower(params_abstract, inputs_abstract).cost_analysis()

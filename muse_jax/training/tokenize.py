@@ -33,7 +33,7 @@ from muse_jax.training import writer as writer_lib
 log = logging.getLogger(__name__)
 
 # config.data fields that do not change the tokens (the order of one ordered pass, the workers).
-IGNORED_DATA_FIELDS = ("batch_size", "workers", "shuffle_buffer", "tokens_dir", "image_size")
+IGNORED_DATA_FIELDS = ("batch_size", "workers", "shuffle_buffer", "tokens_dir", "image_size", "aesthetic_key")
 
 
 def tokens_dir(config, workdir, split: str = "train") -> str:

@@ -137,7 +137,7 @@ def train(config, workdir, *, name: str = "", num_steps: int | None = None, quie
     (muse_jax/training/lock.py): a second run on it is refused before it writes anything, as is a
     checkpoint folder that cannot be written (before compiling)."""
     workdir = workdir_lib.path(workdir)
-    amused.refuse_training(workdir)
+    amused.refuse_tokenizer_training(workdir)
     config = config_lib.tokenizer_config(config, name)
     tok_dir = workdir_lib.tokenizer_dir(workdir, name)
     what = f"the tokenizer {name!r}" if name else "the shared tokenizer"

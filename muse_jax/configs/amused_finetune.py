@@ -1,0 +1,82 @@
+"""Fine-tuning the public aMUSEd weights on your own image-text data (an `import-amused` workdir).
+
+    muse-jax import-amused --workdir W /path/to/amused-256        # a diffusers pipeline folder
+    muse-jax train --workdir W --config amused_256_finetune --config.data.train_files='shards/{000..099}.tar'
+    muse-jax train --workdir W --config amused_256_lora ...       # LoRA: only adapters trained and saved
+    muse-jax sample --workdir W --prompt "..." --out out.png
+
+Variants: `256` / `512` (full fine-tuning), `256_lora` / `512_lora`. The recipe follows diffusers'
+aMUSEd training example (examples/amused): batch 8, AdamW at a constant 1e-4 (full) or 8e-4 (LoRA
+rank 16), 10 % condition dropout to the empty prompt, random crops whose offsets and the images'
+original sizes become the micro-conditions. Memory options for one accelerator: `config.model.dtype`
+(compute), `config.train.param_dtype` and `config.train.optimizer_state_dtype` ("float32" or
+"bfloat16" each), `config.model.remat` (recompute each transformer layer in the backward pass);
+across several, `config.mesh.fsdp`. `muse-jax plan` prints the memory each setting needs.
+"""
+import ml_collections
+
+from muse_jax.configs import data, shapes
+
+VARIANTS = ("256", "512", "256_lora", "512_lora")
+
+
+def get_config(arg=None):
+    arg = arg or "256"
+    if arg not in VARIANTS:
+        raise ValueError(f"amused_finetune variant {arg!r}: expected one of {VARIANTS}")
+    resolution = int(arg.split("_")[0])
+    lora = arg.endswith("_lora")
+    base = shapes.get_config()  # for the sections every run shares: mesh, partitioning, distributed
+    config = ml_collections.ConfigDict()
+    config.name = f"amused_{arg}_finetune" if not lora else f"amused_{arg}"
+    config.family = "amused"
+    config.seed = 0
+    config.mesh = base.mesh
+    config.partitioning = base.partitioning
+    config.distributed = base.distributed
+
+    config.data = data.get_config("webdataset")
+    config.data.image_size = resolution  # the imported model's pixels (checked against the workdir)
+    config.data.random_crop = True  # as aMUSEd was trained: the crop offsets are micro-conditions
+
+    config.text = ml_collections.ConfigDict(dict(max_length=77))  # CLIP's context (the workdir's tokenizer)
+    # Overrides of the imported UVit2D for this run: compute dtype ("float32" or "bfloat16"), remat of the
+    # transformer layers, dropout.
+    config.model = ml_collections.ConfigDict(dict(dtype="float32", remat=False, hidden_dropout=0.0))
+
+    t = config.train = ml_collections.ConfigDict()
+    t.num_steps = 1000
+    t.batch_size = 8  # global; must divide over the mesh's data*fsdp axes
+    t.optimizer = "adamw"  # or "adafactor"
+    t.lr = 8e-4 if lora else 1e-4
+    t.b1, t.b2, t.weight_decay = 0.9, 0.999, 0.01
+    t.warmup_steps = 0
+    t.end_lr_fraction = 1.0  # constant learning rate
+    t.grad_clip = 1.0
+    t.label_smoothing = 0.0
+    t.mask_schedule = "cosine"
+    t.text_drop_rate = 0.1  # captions replaced by the empty prompt's CLIP states (keeps guidance working)
+    t.aesthetic_score = 6.0  # the micro-condition of records without one (config.data.aesthetic_key)
+    t.param_dtype = "float32"  # "bfloat16": half the parameter memory
+    t.optimizer_state_dtype = ""  # "" = the parameters' dtype; "float32" / "bfloat16"
+    t.ema_decay = 0.0  # > 0 keeps EMA weights (sampling uses them)
+    t.init_from = ""
+    t.log_every = 50
+    t.checkpoint_every = 250
+    t.keep_checkpoints = 2  # besides checkpoint 0, the imported weights, which is always kept
+    t.keep_every = 0
+    t.divergence_loss_factor = 10.0
+    t.divergence_param_factor = 10.0
+    t.sample_every = 0
+    t.num_samples = 4
+    t.matmul_precision = "default"
+    t.peak_flops_per_device = 0.0
+    t.compilation_cache_dir = "{workdir}/cache/jax"
+
+    config.lora = ml_collections.ConfigDict()
+    config.lora.rank = 16 if lora else 0  # 0: full fine-tuning
+    config.lora.alpha = 32.0 if lora else 1.0  # adapters scaled by alpha / rank
+    # Module paths (a regex) whose projections get adapters: the transformer layers' attention and MLP.
+    config.lora.targets = r".*transformer_layers_\d+/(attn1|attn2|ff)/.*"
+    config.lora.dropout = 0.0
+    return config
