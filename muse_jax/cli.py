@@ -122,11 +122,16 @@ def _train(args, overrides):
     from muse_jax import config as config_lib
     from muse_jax.training import finetune, loop
 
-    spec = args.config or finetune.default_config(args.workdir)
+    if args.init_from:
+        spec = args.config or finetune.init_config(args.init_from)
+    else:
+        spec = args.config or finetune.default_config(args.workdir)
     cfg = config_lib.load_config(spec, overrides)
     from muse_jax import distributed
 
     distributed.initialize(cfg)  # multi-host: config.distributed / MUSE_* / SLURM / TPU pod (no-op alone)
+    if args.init_from:
+        finetune.init_workdir(args.workdir, args.init_from)
     stages = config_lib.STAGES if args.stage == "all" else (args.stage,)
     loop.train(cfg, args.workdir, stages)
 
@@ -369,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "import-amused: amused_256_finetune or amused_512_finetune, by its resolution)")
     p.add_argument("--stage", default="all", choices=["all", "base", "superres"],
                    help="all: base then superres (each resumes from its latest checkpoint)")
+    p.add_argument("--init-from", default="", metavar="W0",
+                   help="fine-tune the trained workdir W0 into the new workdir W (its stages start from W0's "
+                   "weights; default config: the one W0 was trained with, or the aMUSEd fine-tuning recipe)")
     p.set_defaults(fn=_train)
 
     p = sub.add_parser("lora", help="LoRA fine-tunes of an aMUSEd workdir: `lora merge` folds the adapters in")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import pathlib
 
 import ml_collections
@@ -42,6 +43,14 @@ def build_config(spec: str) -> ml_collections.ConfigDict:
     spec: a name (`shapes`, `muse_3b`), `module:arg` (`paper:muse_3b`, `vqgan:f8`), or a path to a
     Python file with `get_config`, optionally followed by `:arg`.
     """
+    if spec.endswith(".json"):  # a config a workdir was trained with (W/config.json, W/<stage>/config.json)
+        path = pathlib.Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"config {spec!r}: no such file")
+        try:
+            return ml_collections.ConfigDict(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config {spec!r} is not valid JSON: {e}") from None
     name, sep, arg = spec.partition(":")
     arg = arg if sep else None
     if name.endswith(".py") or "/" in name:

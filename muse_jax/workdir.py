@@ -45,6 +45,7 @@ from muse_jax.training import checkpoint as ckpt_lib
 
 CONFIG_FILE = "config.json"
 EMA_FILE = "ema.json"
+INIT_FILE = "init_from.json"  # W/init_from.json: the workdir W was started from (`train --init-from W0`)
 TOKENIZER = "tokenizer"
 SPM_MODEL = "text/spm.model"
 
@@ -266,6 +267,8 @@ def load_stage_params(workdir, stage: str, *, step: int | None = None, use_ema: 
     config = load_stage_config(workdir, stage)
     model = build_stage_model(config, stage)
     inputs = transformer_lib.dummy_inputs(model, 1, int(config.text.max_length))
+    if int((config.get("lora") or {}).get("rank", 0)):
+        return _load_lora_stage(workdir, stage, config, model, inputs, step=step, use_ema=use_ema, sharding=sharding)
     abstract = jax.eval_shape(lambda: nn.unbox(transformer_lib.init_params(model, jax.random.key(0), inputs)))
     if sharding is None:
         sharding = NamedSharding(jax.sharding.Mesh(jax.local_devices()[:1], ("data",)), PartitionSpec())
@@ -293,3 +296,46 @@ def load_stage_params(workdir, stage: str, *, step: int | None = None, use_ema: 
     except ckpt_lib.CheckpointError as e:
         raise FileNotFoundError(f"cannot load the {stage} stage from {workdir}: {e}") from None
     return model, tree[field], config
+
+
+def read_init(workdir) -> dict | None:
+    """W/init_from.json ({"workdir": W0, "family", "stages": {stage: step}}) where W was started from W0
+    (`muse-jax train --workdir W --init-from W0`, training/finetune.py), else None."""
+    p = path(workdir) / INIT_FILE
+    return _read_json(p) if p.is_file() else None
+
+
+def _load_lora_stage(workdir, stage: str, config, model, inputs, *, step, use_ema: bool, sharding):
+    """`load_stage_params` of a stage fine-tuned with LoRA: the adapters of W's checkpoint on top of the weights
+    of the workdir W was started from (its checkpoint of the step recorded then), with the wrapped model."""
+    from muse_jax.training import lora as lora_lib
+
+    record = read_init(workdir)
+    if record is None or stage not in record["stages"]:
+        raise FileNotFoundError(f"the {stage} stage of {workdir} holds LoRA adapters, but {path(workdir) / INIT_FILE} "
+                                f"does not say which weights they go on")
+    wrapped = lora_lib.wrap(model, lora_lib.LoraSpec.from_config(config), deterministic=True)
+    boxed = jax.eval_shape(lambda: transformer_lib.init_params(wrapped, jax.random.key(0), inputs))
+    adapters = nn.unbox(lora_lib.split(boxed)[1])
+    if sharding is None:
+        sharding = NamedSharding(jax.sharding.Mesh(jax.local_devices()[:1], ("data",)), PartitionSpec())
+    if isinstance(sharding, jax.sharding.Sharding):
+        base_sharding = adapter_shardings = sharding
+    else:  # a tree for the whole wrapped model
+        base_sharding, adapter_shardings = lora_lib.split(sharding)
+    if isinstance(adapter_shardings, jax.sharding.Sharding):
+        adapter_shardings = jax.tree_util.tree_map(lambda _: adapter_shardings, adapters)
+    steps = checkpoint_steps(workdir, stage)
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"cannot load the {stage} stage from {workdir}: no checkpoint of step {step} "
+                                f"(kept: {steps})")
+    ckpt = checkpoint_dir(workdir, stage)
+    field = "ema_params" if use_ema and steps and ckpt_lib.newest_saved_fields(
+        ckpt, [step] if step is not None else steps).get("ema_params") else "params"
+    try:
+        tree, _ = ckpt_lib.restore_subtree(ckpt, {field: ckpt_lib.abstract_with_shardings(adapters, adapter_shardings)},
+                                           step=step)
+    except ckpt_lib.CheckpointError as e:
+        raise FileNotFoundError(f"cannot load the {stage} stage's adapters from {workdir}: {e}") from None
+    _, base, _ = load_stage_params(record["workdir"], stage, step=int(record["stages"][stage]), sharding=base_sharding)
+    return wrapped, lora_lib.combine(base, tree[field]), config

@@ -7,6 +7,7 @@ bit-exactly through `amused.load` (what sampling reads), a resumed run equals an
 the imported checkpoint 0 is kept. LoRA: only adapters are trained and saved, checkpoint 0 is left
 byte-identical, sampling puts the adapters on top of it, and `muse-jax lora merge` samples the same.
 """
+import dataclasses
 import hashlib
 import io
 import json
@@ -28,6 +29,7 @@ import _amused_fixture as fixture  # noqa: E402
 
 from muse_jax import amused, cascade, cli  # noqa: E402
 from muse_jax import config as config_lib  # noqa: E402
+from muse_jax.models import uvit  # noqa: E402
 from muse_jax.training import finetune, loop, partitioning  # noqa: E402
 
 CACHE = pathlib.Path(tempfile.gettempdir()) / f"muse_jax_test_xla_cache_{os.getuid()}"
@@ -187,3 +189,54 @@ def test_wrong_family_config_refused_before_writing(env, capsys):
     assert "aMUSEd" in capsys.readouterr().err and _digest(w) == before
     assert cli.main(["train", "--workdir", str(w), *_args(shards, "--config.data.image_size=32")]) == 2
     assert "16 px" in capsys.readouterr().err and _digest(w) == before
+
+
+def test_init_from_copies_the_newest_weights_into_a_new_workdir(env, capsys):
+    root, shards = env
+    w0 = root / "W0"
+    before = _digest(w0)
+    w = root / "from_w0"
+    args = ["train", "--workdir", str(w), "--init-from", str(w0), *_args(shards, "--config.train.num_steps=2",
+                                                                                   "--config.train.checkpoint_every=2")]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    assert _digest(w0) == before  # W0 is read, never written
+    assert json.loads((w / "init_from.json").read_text())["family"] == "amused"
+    copied = _leaves(amused.load(w, step=0).params["uvit"])
+    for k, v in _leaves(amused.load(w0).params["uvit"]).items():
+        np.testing.assert_array_equal(copied[k], v, err_msg=k)
+    assert (w / "base" / "checkpoints" / "2").is_dir()
+    assert finetune.init_workdir(w, w0)["workdir"] == str(w0.resolve())  # again on W: a resume, nothing copied
+    other = root / "occupied"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert cli.main(["train", "--workdir", str(other), "--init-from", str(w0), *_args(shards)]) == 2
+    assert "not empty" in capsys.readouterr().err and [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_memory_options_train(env):
+    """bfloat16 parameters with float32 optimizer state, bfloat16 compute and remat train (finite losses, the
+    dtypes asked for); remat alone changes nothing but memory (the same loss and gradients)."""
+    root, shards = env
+    w, _ = _copy(env, "memory")
+    r = loop.train_stage(_config(shards, "amused_256_finetune", "--config.train.num_steps=2",
+                                 "--config.train.param_dtype=bfloat16", "--config.train.optimizer_state_dtype=float32",
+                                 "--config.model.dtype=bfloat16", "--config.model.remat=True"), w, "base", quiet=True)
+    assert all(np.isfinite(v) for v in r["losses"].values())
+    assert {x.dtype for x in jax.tree_util.tree_leaves(r["state"].params)} == {np.dtype("bfloat16")}
+    moments = [x for x in jax.tree_util.tree_leaves(r["state"].opt_state) if np.ndim(x) >= 2]
+    assert moments and {x.dtype for x in moments} == {np.dtype("float32")}
+
+    loaded = amused.load(root / "W0")
+    rng = np.random.default_rng(0)
+    cfg = loaded.uvit.config
+    inputs = (rng.integers(0, cfg.vocab_size, (2, 64)), rng.normal(size=(2, 5, cfg.encoder_hidden_size)),
+              rng.normal(size=(2, cfg.cond_embed_dim)), np.tile([[16.0, 16, 0, 0, 6]], (2, 1)))
+    out = {}
+    for remat in (False, True):
+        model = uvit.UVit2D(dataclasses.replace(cfg, remat=remat))
+        loss = lambda p: (model.apply({"params": p}, *inputs) ** 2).mean()  # noqa: E731,B023
+        with jax.default_matmul_precision("highest"):
+            out[remat] = jax.jit(jax.value_and_grad(loss))(loaded.params["uvit"])
+    assert float(out[True][0]) == float(out[False][0])
+    for a, b in zip(jax.tree_util.tree_leaves(out[True][1]), jax.tree_util.tree_leaves(out[False][1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

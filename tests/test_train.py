@@ -252,3 +252,58 @@ def test_a_refused_train_leaves_a_trained_stage_as_it_was(tmp_path):
         assert _tree_bytes(tmp_path / "base") == before, extra
     model, params, _ = workdir.load_stage_params(tmp_path, "base")  # real arrays, the trained architecture
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+
+
+def test_init_from_another_workdir_starts_from_its_weights(tmp_path):
+    """`train --workdir W --init-from W0`: W's stage starts from W0's trained weights (lr 0: unchanged)."""
+    from muse_jax.training import finetune
+
+    cfg = tiny_config("--config.train.num_steps=3", "--config.train.checkpoint_every=3")
+    r0 = loop.train_stage(cfg, tmp_path / "W0", "base", data=_data(cfg), quiet=True)
+    (tmp_path / "W0" / "tokenizer").mkdir()
+    (tmp_path / "W0" / "tokenizer" / "config.json").write_text("{}")  # copied along with the text tokenizer
+    before = _tree_bytes(tmp_path / "W0")
+    record = finetune.init_workdir(tmp_path / "W", tmp_path / "W0")
+    assert record["stages"] == {"base": 3} and (tmp_path / "W" / "tokenizer" / "config.json").is_file()
+    assert finetune.init_config(tmp_path / "W0").endswith("config.json")
+    frozen = tiny_config("--config.train.num_steps=1", "--config.train.lr=0", "--config.train.warmup_steps=0")
+    r = loop.train_stage(frozen, tmp_path / "W", "base", data=_data(frozen), quiet=True)
+    for a, b in zip(_params(r), _params(r0), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert _tree_bytes(tmp_path / "W0") == before
+    assert finetune.init_workdir(tmp_path / "W", tmp_path / "W0") == record  # again on W: a resume
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        finetune.init_workdir(tmp_path / "other", tmp_path / "W0")
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
+
+
+def test_lora_on_a_muse_stage_trains_adapters_over_the_source_weights(tmp_path):
+    """LoRA on a workdir started from W0: only adapters are trained and saved; loading the stage puts them on
+    W0's weights (read from W0), which equals the plain model on the merged weights."""
+    from muse_jax.models import transformer as transformer_lib
+    from muse_jax.training import finetune
+    from muse_jax.training import lora as lora_lib
+
+    cfg = tiny_config("--config.train.num_steps=3", "--config.train.checkpoint_every=3")
+    loop.train_stage(cfg, tmp_path / "W0", "base", data=_data(cfg), quiet=True)
+    before = _tree_bytes(tmp_path / "W0")
+    finetune.init_workdir(tmp_path / "W", tmp_path / "W0")
+    lora_cfg = tiny_config("--config.train.num_steps=3", "--config.train.checkpoint_every=3", "--config.lora.rank=2",
+                           "--config.lora.alpha=2", "--config.train.lr=3e-2")
+    r = loop.train_stage(lora_cfg, tmp_path / "W", "base", data=_data(lora_cfg), quiet=True)
+    names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(r["state"].params)]
+    assert names and all(n.endswith(("_lora_a']", "_lora_b']")) for n in names)
+    assert _tree_bytes(tmp_path / "W0") == before
+
+    model, params, config = workdir.load_stage_params(tmp_path / "W", "base")
+    plain, base, _ = workdir.load_stage_params(tmp_path / "W0", "base")
+    batch = {k: v[:4] for k, v in _data(cfg).source.arrays.items()}
+    with jax.default_matmul_precision("highest"):
+        on_top = np.asarray(transformer_lib.apply(model, params, batch))
+        merged = np.asarray(transformer_lib.apply(plain, lora_lib.merge(params, lora_lib.LoraSpec.from_config(config)),
+                                                  batch))
+        untouched = np.asarray(transformer_lib.apply(plain, base, batch))
+    np.testing.assert_allclose(merged, on_top, atol=1e-4 * np.abs(on_top).max())
+    assert np.abs(on_top - untouched).max() > 1e-3 * np.abs(untouched).max()

@@ -43,6 +43,11 @@ def get_config(arg=None):
     # Overrides of the imported UVit2D for this run: compute dtype ("float32" or "bfloat16"), remat of the
     # transformer layers, dropout.
     config.model = ml_collections.ConfigDict(dict(dtype="float32", remat=False, hidden_dropout=0.0))
+    # The published architecture at this resolution, read ONLY by `muse-jax plan` (which has no workdir):
+    # training builds W's own UVit2D, CLIP and VQGAN from the configs `import-amused` wrote.
+    config.model.uvit = _uvit(resolution)
+    config.model.clip = _clip()
+    config.model.vqgan = _vqgan()
 
     t = config.train = ml_collections.ConfigDict()
     t.num_steps = 1000
@@ -80,3 +85,36 @@ def get_config(arg=None):
     config.lora.targets = r".*transformer_layers_\d+/(attn1|attn2|ff)/.*"
     config.lora.dropout = 0.0
     return config
+
+
+def _uvit(resolution: int) -> ml_collections.ConfigDict:
+    """aMUSEd-256/512's UVit2D (`models/uvit.py: UVit2DConfig` fields; dtype, remat and dropout are the
+    run's `config.model` fields). From diffusers' transformer/config.json of the hub repos amused/amused-256
+    and amused/amused-512 (diffusers 0.25): the two differ only in the 2x2 down/up-sampling around the
+    transformer and the token grid (diffusers' scripts/convert_amused.py: sample_size 16 or 32, downsample =
+    upsample = the 512 research run's force_down_up_sample). 603.5M and 608.3M parameters."""
+    return ml_collections.ConfigDict(dict(
+        hidden_size=1024, use_bias=False, cond_embed_dim=768, micro_cond_encode_dim=256, micro_cond_embed_dim=1280,
+        encoder_hidden_size=768, vocab_size=8256, codebook_size=8192, in_channels=768, block_out_channels=768,
+        num_res_blocks=3, downsample=resolution > 256, upsample=resolution > 256, block_num_heads=12,
+        num_hidden_layers=22, num_attention_heads=16, attention_dropout=0.0, intermediate_size=2816,
+        layer_norm_eps=1e-6, ln_elementwise_affine=True, sample_size=resolution // 16))
+
+
+def _clip() -> ml_collections.ConfigDict:
+    """CLIP-L/14's text tower with its projection (aMUSEd's text_encoder, a CLIPTextModelWithProjection;
+    Hugging Face's CLIPTextConfig field names, `models/clip.py: CLIPConfig.from_hf`). 123.7M parameters."""
+    return ml_collections.ConfigDict(dict(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
+
+
+def _vqgan() -> ml_collections.ConfigDict:
+    """aMUSEd's f16 VQ-GAN as a `models/vqgan.py: VQGANConfig`: what `vqgan_diffusers.config_from_diffusers`
+    makes of diffusers' vqvae/config.json of amused/amused-256 and amused-512 (the same VQModel: widths
+    128, 256, 256, 512, 768, 2 resnets per level, 64 latent channels, 8192 codes, no mid-block attention;
+    also diffusers' scripts/convert_amused.py `make_vqvae`)."""
+    return ml_collections.ConfigDict(dict(
+        channels=(128, 256, 256, 512, 768), num_res_blocks=2, latent_channels=64, codebook_size=8192, code_dim=64,
+        norm_groups=32, in_channels=3, out_channels=3, downsample="conv", mid_attention=False, quant_conv=True,
+        l2_normalize=False, pixel_range="0,1"))

@@ -66,14 +66,20 @@ from muse_jax.planning.analytic import (
     _analytic_flops,
     _attention_calls,
     _positions,
+    amused_in_step_flops,
     analytic_activation_bytes,
+    analytic_clip_text_flops,
     analytic_forward_flops,
     analytic_t5_encoder_flops,
     analytic_train_flops,
+    analytic_uvit_activation_bytes,
+    analytic_uvit_forward_flops,
+    analytic_uvit_train_flops,
     analytic_vqgan_encoder_flops,
     attention_path,
     compute_flops_per_device,
     in_step_flops,
+    lora_adapter_flops,
     step_source,
 )
 from muse_jax.planning.estimates import (
@@ -98,10 +104,12 @@ from muse_jax.planning.hlo import (
 
 __all__ = [
     # the plan
-    "plan", "plan_extrapolated", "parse_mesh", "ensure_virtual_devices",
+    "plan", "plan_extrapolated", "parse_mesh", "ensure_virtual_devices", "amused_configs",
     # analytic.py
     "analytic_activation_bytes", "analytic_forward_flops", "analytic_t5_encoder_flops", "analytic_train_flops",
     "analytic_vqgan_encoder_flops", "attention_path", "compute_flops_per_device", "in_step_flops", "step_source",
+    "analytic_uvit_forward_flops", "analytic_uvit_train_flops", "analytic_uvit_activation_bytes",
+    "analytic_clip_text_flops", "amused_in_step_flops", "lora_adapter_flops",
     "_activations_by_attention", "_analytic_flops", "_attention_calls", "_positions",
     # estimates.py
     "ACCELERATORS", "EFFICIENCY", "GiB", "Accelerator", "accelerator", "communication_seconds", "estimate",
@@ -217,6 +225,13 @@ class _Compiled:
     compiled: Any
     lower_seconds: float
     compile_seconds: float
+    base: Any = None  # LoRA: (abstract frozen UVit2D weights, their shardings), a step argument
+    amused: Any = None  # aMUSEd: (UVit2DConfig, CLIPConfig, VQGANConfig) of the presets
+
+
+def _is_amused(config) -> bool:
+    """Whether `config` fine-tunes an imported aMUSEd (training/finetune.py) rather than trains a Muse stage."""
+    return config.get("family", "muse") == "amused"
 
 
 def _setup(config, mesh, accelerators, *, stage, batch_size, remat, text_length) -> _Setup:
@@ -233,11 +248,13 @@ def _setup(config, mesh, accelerators, *, stage, batch_size, remat, text_length)
     from muse_jax.training import partitioning
 
     config = config.copy_and_resolve_references()
+    if _is_amused(config) and stage != "base":
+        raise ValueError(f"--stage {stage}: an aMUSEd fine-tune has one stage, its UVit2D (--stage base)")
     with config.unlocked():
         if batch_size is not None:
             config.train.batch_size = int(batch_size)
         if remat is not None:
-            config[stage].remat = bool(remat)
+            (config.model if _is_amused(config) else config[stage]).remat = bool(remat)
         if text_length is not None:
             config.text.max_length = int(text_length)
     B = int(config.train.batch_size)
@@ -253,6 +270,8 @@ def _setup(config, mesh, accelerators, *, stage, batch_size, remat, text_length)
 
 def _compile(s: _Setup) -> _Compiled:
     """Lowers and compiles the stage's train step on abstract state and batch (as `train` builds them)."""
+    if _is_amused(s.config):
+        return _compile_amused(s)
     import time
 
     import flax.linen as nn
@@ -301,6 +320,105 @@ def _compile(s: _Setup) -> _Compiled:
     return _Compiled(model, state, shardings, prepare, source, compiled, t_lower, t_compile)
 
 
+AMUSED_HIDDEN_LAYER = -2  # aMUSEd cross-attends to CLIP's penultimate hidden states (as `import-amused` records)
+
+
+def amused_configs(config):
+    """(UVit2DConfig, CLIPConfig, VQGANConfig) of an aMUSEd fine-tuning config's presets `config.model.uvit`,
+    `.clip` and `.vqgan` (configs/amused_finetune.py), the UVit2D with the run's `config.model` dtype, remat
+    and dropout as `finetune.build_model` applies them to a workdir's; checked against each other as
+    `import-amused` checks a pipeline, and against `config.data.image_size` and `config.text.max_length`."""
+    from muse_jax.models import clip, uvit, vqgan
+
+    m = config.model
+    missing = [k for k in ("uvit", "clip", "vqgan") if k not in m]
+    if missing:
+        raise ValueError(f"config.model.{missing[0]} is missing: planning an aMUSEd fine-tune needs the architecture "
+                         "presets of configs/amused_finetune.py (config.model.uvit, .clip, .vqgan)")
+    run = {k: m[k] for k in ("dtype", "remat", "hidden_dropout") if k in m}
+    ucfg = uvit.UVit2DConfig.from_dict({**m.uvit.to_dict(), **run})
+    ccfg = clip.CLIPConfig.from_hf(m.clip.to_dict())
+    vcfg = vqgan.VQGANConfig.from_dict(m.vqgan.to_dict())
+    px, length = int(config.data.image_size), int(config.text.max_length)
+    if px != ucfg.sample_size * vcfg.factor:
+        raise ValueError(f"config.data.image_size={px}: the VQGAN (f{vcfg.factor}) makes {px // vcfg.factor}^2 tokens "
+                         f"of it, config.model.uvit.sample_size={ucfg.sample_size} says {ucfg.sample_size}^2")
+    if vcfg.codebook_size != ucfg.codebook_size:
+        raise ValueError(f"config.model.vqgan.codebook_size={vcfg.codebook_size} differs from "
+                         f"config.model.uvit.codebook_size={ucfg.codebook_size}")
+    if ccfg.text.hidden_size != ucfg.encoder_hidden_size or ccfg.projection_dim != ucfg.cond_embed_dim:
+        raise ValueError(f"config.model.clip (hidden_size {ccfg.text.hidden_size}, projection_dim {ccfg.projection_dim}) "
+                         f"does not feed config.model.uvit (encoder_hidden_size {ucfg.encoder_hidden_size}, "
+                         f"cond_embed_dim {ucfg.cond_embed_dim})")
+    if length > ccfg.text.max_position_embeddings:
+        raise ValueError(f"config.text.max_length={length}: CLIP has {ccfg.text.max_position_embeddings} positions")
+    return ucfg, ccfg, vcfg
+
+
+def _compile_amused(s: _Setup) -> _Compiled:
+    """Lowers and compiles the aMUSEd fine-tuning step as `train` builds it on an imported workdir
+    (training/loop.py, finetune.py), from the config's presets instead of a workdir: the UVit2D trained
+    whole, or (config.lora.rank > 0) its LoRA adapters with the base weights a frozen step argument; the
+    frozen VQGAN encoder and CLIP text tower in the step. Everything abstract."""
+    import time
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from muse_jax.models import clip, uvit
+    from muse_jax.training import checkpoint as ckpt_lib
+    from muse_jax.training import finetune, partitioning
+    from muse_jax.training import lora as lora_lib
+    from muse_jax.training import state as state_lib
+    from muse_jax.training import step as step_lib
+
+    config, B, L, jmesh, rules = s.config, s.batch_size, s.text_length, s.mesh, s.rules
+    t0 = time.perf_counter()
+    ucfg, ccfg, vcfg = amused_configs(config)
+    model = uvit.UVit2D(ucfg)
+    spec = lora_lib.LoraSpec.from_config(config)
+    if spec is not None:
+        model = lora_lib.wrap(model, spec)
+    _, abstract, shardings = state_lib.state_setup(config, model, jmesh, rules,
+                                                   select=None if spec is None else lora_lib.adapters_only)
+    state = ckpt_lib.abstract_with_shardings(nn.unbox(abstract), shardings)
+    base = combine = None
+    if spec is not None:  # the frozen weights beside the trained adapters, in the parameters' dtype
+        boxed = lora_lib.split(state_lib.abstract_params(model, config))[0]
+        base_shardings = partitioning.state_shardings(boxed, jmesh, rules)
+        dtype = state_lib.param_dtype(config)
+        base = (jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, dtype, sharding=sh),
+                                       nn.unbox(boxed), base_shardings), base_shardings)
+        combine = lora_lib.combine
+
+    ids = jax.ShapeDtypeStruct((1, L), jnp.int32)
+    text_model = clip.CLIPTextWithProjection(ccfg)
+    clip_boxed = jax.eval_shape(lambda i: text_model.init(jax.random.key(0), i)["params"], ids)
+    px = int(config.data.image_size)
+    prepare = finetune.prepare_step(config, vcfg, None, ccfg, None, clip_boxed, px, AMUSED_HIDDEN_LAYER,
+                                    mesh=jmesh, rules=rules)
+    shapes = {"image": ((B, px, px, 3), jnp.uint8), "text_ids": ((B, L), jnp.int32), "text_mask": ((B, L), jnp.bool_),
+              "original_size": ((B, 2), jnp.int32), "crop_top_left": ((B, 2), jnp.int32),
+              "aesthetic_score": ((B,), jnp.float32)}
+    batch_keys = {k: len(shape) for k, (shape, _) in shapes.items()}
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=partitioning.batch_sharding(jmesh, rules, len(shape)))
+             for k, (shape, dtype) in shapes.items()}
+    # the empty prompt's CLIP states (values do not matter for the plan)
+    empty = {"text_states": jnp.zeros((L, ccfg.text.hidden_size), jnp.float32),
+             "pooled_text": jnp.zeros((ccfg.projection_dim,), jnp.float32)}
+    train_step = step_lib.make_train_step(config, model, jmesh, shardings, empty_text=empty, rules=rules,
+                                          batch_keys=batch_keys, prepare=prepare, base=base, combine=combine)
+    extra = () if base is None else (base[0],)
+    with partitioning.axis_rules(jmesh, rules):
+        lowered = train_step.jitted.lower(state, batch, jax.random.key(0), prepare.frozen, *extra)
+    t_lower = time.perf_counter() - t0
+    compiled = lowered.compile()
+    t_compile = time.perf_counter() - t0 - t_lower
+    return _Compiled(model, state, shardings, prepare, "images", compiled, t_lower, t_compile, base=base,
+                     amused=(ucfg, ccfg, vcfg))
+
+
 def _batch_shards(s: _Setup) -> int:
     """Devices the batch is split over (the product of the rules' batch axes)."""
     from muse_jax.training import partitioning
@@ -322,6 +440,9 @@ def _memory_figures(s: _Setup, c: _Compiled, batch_per_device: int) -> dict[str,
     arg_b, out_b = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
     alias_b, temp_b = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
     mcfg, L = c.model.config, s.text_length
+    if c.amused is not None:
+        return _amused_memory_figures(s, c, batch_per_device, params_b, opt_b, ema_b, frozen_b,
+                                      (arg_b, out_b, alias_b, temp_b))
     activations = analytic_activation_bytes(mcfg, batch_per_device, L)
     return {
         "params": params_b, "optimizer_state": opt_b, "ema_params": ema_b, "frozen_params": frozen_b,
@@ -335,6 +456,39 @@ def _memory_figures(s: _Setup, c: _Compiled, batch_per_device: int) -> dict[str,
     }
 
 
+def _amused_grid(c: _Compiled) -> int:
+    """Tokens per side of the UVit2D's grid: the images' pixels over the VQGAN's factor."""
+    return c.prepare.image_size // c.amused[2].factor
+
+
+def _lora_adapters(c: _Compiled, text_length: int) -> tuple[float, str] | None:
+    """`lora_adapter_flops` of a LoRA plan's trained adapters; None for full fine-tuning."""
+    if c.base is None:
+        return None
+    return lora_adapter_flops(c.state.params, c.amused[0], text_length, _amused_grid(c))
+
+
+def _amused_memory_figures(s: _Setup, c: _Compiled, batch_per_device: int, params_b: int, opt_b: int, ema_b: int,
+                           frozen_b: int, xla: tuple[int, int, int, int]) -> dict[str, Any]:
+    """`_memory_figures` of an aMUSEd fine-tune: besides the trained state and the frozen encoders, LoRA's
+    frozen UVit2D weights (`base_params`); the UVit2D's analytic saved activations."""
+    arg_b, out_b, alias_b, temp_b = xla
+    base_b = _tree_bytes_per_device(*c.base) if c.base is not None else 0
+    lora = _lora_adapters(c, s.text_length)
+    first = "text" if lora is None else lora[1]
+    activations = analytic_uvit_activation_bytes(c.amused[0], batch_per_device, s.text_length, _amused_grid(c),
+                                                 first_trained=first)
+    return {
+        "params": params_b, "optimizer_state": opt_b, "ema_params": ema_b, "base_params": base_b,
+        "frozen_params": frozen_b, "arguments": arg_b, "outputs": out_b, "aliased": alias_b, "temporaries": temp_b,
+        "peak": arg_b + out_b - alias_b + temp_b,
+        "activations_analytic": activations,
+        # the trained state, one gradient per trained parameter, the frozen weights (LoRA's base, the
+        # encoders') and the saved activations
+        "state_grads_activations": params_b + opt_b + ema_b + params_b + base_b + frozen_b + activations,
+    }
+
+
 def _flops_figures(config, stage: str, mcfg, batch_size: int, text_length: int, xla_per_device: float,
                    num_devices: int) -> dict[str, float]:
     """XLA's FLOPs per device and in total, the analytic counts, and the FLOPs the compute time uses."""
@@ -345,6 +499,46 @@ def _flops_figures(config, stage: str, mcfg, batch_size: int, text_length: int, 
     f["compute_per_device"] = compute_flops_per_device(mcfg, text_length, f["xla_per_device"], f["analytic_step"],
                                                        num_devices)
     return f
+
+
+def _amused_flops_figures(s: _Setup, c: _Compiled, xla_per_device: float) -> dict[str, float]:
+    """`_flops_figures` of an aMUSEd fine-tune: the UVit2D's analytic count (full or LoRA) and the frozen CLIP
+    text tower's and VQGAN encoder's; the UVit2D's attention has no loops, so XLA's count is the compute."""
+    ucfg, ccfg, vcfg = c.amused
+    B, L = s.batch_size, s.text_length
+    uvit_flops = analytic_uvit_train_flops(ucfg, B, L, _amused_grid(c), lora=_lora_adapters(c, L))
+    in_step = amused_in_step_flops(ccfg, vcfg, B, L, c.prepare.image_size)
+    f = {"xla_per_device": xla_per_device, "analytic_model": uvit_flops["model"],
+         "analytic_executed": uvit_flops["executed"], "analytic_forward": uvit_flops["forward"],
+         "analytic_t5_encoder": 0.0, "analytic_clip_encoder": in_step["clip_encoder"],
+         "analytic_vqgan_encoder": in_step["vqgan_encoder"],
+         "analytic_step": uvit_flops["executed"] + in_step["clip_encoder"] + in_step["vqgan_encoder"]}
+    f["xla_total"] = xla_per_device * s.num_devices
+    f["compute_per_device"] = xla_per_device
+    return f
+
+
+def _plan_config(s: _Setup, c: _Compiled, batch_per_device: int) -> dict[str, Any]:
+    """The plan's "config" entry: what was compiled (for aMUSEd also the trained and frozen parameter counts)."""
+    from muse_jax.models import transformer as transformer_lib
+
+    config, prepare, mcfg = s.config, c.prepare, c.model.config
+    out = {"stage": s.stage, "batch_size": s.batch_size, "batch_per_device": batch_per_device,
+           "text_length": s.text_length, "remat": bool(mcfg.remat), "dtype": mcfg.dtype,
+           "attention": getattr(mcfg, "attention", "xla"), "optimizer": config.train.optimizer,
+           "params": transformer_lib.count_params(c.state.params), "step_source": c.step_source,
+           "image_size": prepare.image_size if prepare is not None else 0,
+           "frozen_params": transformer_lib.count_params(prepare.frozen) if prepare is not None else 0}
+    if c.amused is not None:
+        from muse_jax.training import state as state_lib
+
+        spec = config.lora.rank if "lora" in config else 0
+        out.update(family="amused", model="UVit2D", lora_rank=int(spec or 0),
+                   base_params=transformer_lib.count_params(c.base[0]) if c.base is not None else 0,
+                   param_dtype=state_lib.param_dtype(config),
+                   optimizer_state_dtype=str(config.train.get("optimizer_state_dtype", "")) or
+                   state_lib.param_dtype(config))
+    return out
 
 
 def plan(
@@ -364,23 +558,19 @@ def plan(
     """
     s = _setup(config, mesh, accelerators, stage=stage, batch_size=batch_size, remat=remat, text_length=text_length)
     c = _compile(s)
-    from muse_jax.models import transformer as transformer_lib
-
-    config, B, L, n, prepare = s.config, s.batch_size, s.text_length, s.num_devices, c.prepare
+    config, B, L, n = s.config, s.batch_size, s.text_length, s.num_devices
     cost = _first(c.compiled.cost_analysis())
     hlo = c.compiled.as_text()
     mcfg = c.model.config
     batch_per_device = B // _batch_shards(s)
+    xla_flops = float(cost.get("flops", 0.0))
     p = {
-        "config": {"stage": stage, "batch_size": B, "batch_per_device": batch_per_device, "text_length": L,
-                   "remat": bool(mcfg.remat), "dtype": mcfg.dtype, "attention": mcfg.attention, "optimizer": config.train.optimizer,
-                   "params": transformer_lib.count_params(c.state.params), "step_source": c.step_source,
-                   "image_size": prepare.image_size if prepare is not None else 0,
-                   "frozen_params": transformer_lib.count_params(prepare.frozen) if prepare is not None else 0},
+        "config": _plan_config(s, c, batch_per_device),
         "mesh": s.sizes,
         "num_devices": n,
         "memory_per_device": _memory_figures(s, c, batch_per_device),
-        "flops": _flops_figures(config, stage, mcfg, B, L, float(cost.get("flops", 0.0)), n),
+        "flops": _amused_flops_figures(s, c, xla_flops) if c.amused is not None else
+        _flops_figures(config, stage, mcfg, B, L, xla_flops, n),
         "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
         "collective_bytes_per_device": collective_bytes(hlo, n),
         "collective_bytes_by_group": collective_bytes(hlo, n, by_group=True),
@@ -402,6 +592,9 @@ def _lerp(a, b, t):
 def plan_extrapolated(config, mesh, accelerators=("tpu_v4",), *, layers_from=(2, 4), stage: str = "base",
                       **kwargs) -> dict[str, Any]:
     """`plan` at depths `layers_from` = (a, b), extrapolated linearly to `config[stage].num_layers`."""
+    if _is_amused(config):
+        raise ValueError("--layers-from extrapolates a Muse stage's depth; plan an aMUSEd fine-tune whole (its 22 "
+                         "layers compile in minutes on a CPU)")
     a, b = (int(x) for x in layers_from)
     if not 0 < a < b:
         raise ValueError(f"layers_from={layers_from}: need two depths 0 < a < b")

@@ -246,3 +246,187 @@ def _analytic_flops(transformer: Mapping[str, float], in_step: Mapping[str, floa
             "analytic_forward": transformer["forward"], "analytic_t5_encoder": in_step["t5_encoder"],
             "analytic_vqgan_encoder": in_step["vqgan_encoder"],
             "analytic_step": transformer["executed"] + in_step["t5_encoder"] + in_step["vqgan_encoder"]}
+
+
+# ----------------------------------------------------------------------------- aMUSEd (UVit2D, CLIP text)
+
+# The UVit2D's parts in the order the forward pass runs them (text and cond are side inputs).
+UVIT_PARTS = ("text", "cond", "embed", "down", "to_hidden", "layers", "from_hidden", "up", "head")
+_UVIT_MODULE_PART = {"encoder_proj": "text", "encoder_proj_layer_norm": "text", "cond_embed": "cond", "embed": "embed",
+                     "down_block": "down", "project_to_hidden": "to_hidden", "project_to_hidden_norm": "to_hidden",
+                     "project_from_hidden": "from_hidden", "project_from_hidden_norm": "from_hidden",
+                     "up_block": "up", "mlm_layer": "head"}
+
+
+def uvit_grid(c, grid: int) -> int:
+    """Positions per side of the UVit2D's transformer stack on a grid x grid token grid (the 2x2
+    stride-2 down-sampling pads right and bottom)."""
+    return (grid - 1) // 2 + 1 if c.downsample else grid
+
+
+def _uvit_parts(c, text_length: int, grid: int) -> dict[str, tuple[float, float, float]]:
+    """Per example and part of the UVit2D forward (`UVIT_PARTS`): (FLOPs of matmuls with a weight,
+    those of them on inputs no parameter of the blocks influences (the text's k/v projections, the cond
+    vector's modulations: no input gradient when only the transformer trains), FLOPs of the attention's
+    activation-by-activation products (scores, weighted sums)). 2 FLOPs per multiply-add.
+
+    On n = grid² tokens, m positions in the U blocks and transformer (n, or a quarter with downsample),
+    T text states of width D, hidden width H, block width C, feed-forward width I, token embedding
+    width E, K codes, cond input P + M (pooled text, micro-conditions):
+      text: encoder_proj 2·T·D·H;  cond: Linear, Linear 2·(P + M)·H + 2·H²;  embed: 1x1 conv 2·n·E·C
+      U block (down and up): per residual block the 3x3 depthwise conv 18·m·C, channelwise 16·m·C² and the
+        FiLM mapper 4·H·C; per attention block the kv_mapper 2·T·H·C (when H != C) and two cross-attentions
+        (q, out 4·m·C², k, v 4·T·C², scores and weighted sum 4·m·T·C); down-sampling 2x2 conv 8·m·C²
+        (up-sampling: the same)
+      to_hidden, from_hidden: 2·m·C·H each
+      transformer layer: three adaptive norms 12·H²; self-attention 8·m·H² + 4·m²·H; cross-attention
+        4·m·H² + 4·T·H² + 4·m·T·H; GEGLU 6·m·H·I
+      head: 2·n·C·E + 2·n·E·K
+    """
+    H, C, D, I, E, K = c.hidden_size, c.block_out_channels, c.encoder_hidden_size, c.intermediate_size, \
+        c.in_channels, c.codebook_size
+    T, n, R = text_length, grid * grid, c.num_res_blocks
+    m = uvit_grid(c, grid) ** 2
+
+    def block(resample: bool):
+        kv_map = 2 * T * H * C if H != C else 0
+        w = R * (18 * m * C + 16 * m * C * C + 2 * (4 * m * C * C + 4 * T * C * C)) + (8 * m * C * C if resample else 0)
+        const = R * (4 * H * C + kv_map + 2 * 4 * T * C * C)
+        return (float(w + R * (4 * H * C + kv_map)), float(const), float(R * 2 * 4 * m * T * C))
+
+    L = c.num_hidden_layers
+    layer_w = 12 * H * H + 8 * m * H * H + 4 * m * H * H + 4 * T * H * H + 6 * m * H * I
+    return {
+        "text": (2.0 * T * D * H, 2.0 * T * D * H, 0.0),
+        "cond": (2.0 * (c.cond_embed_dim + c.micro_cond_embed_dim) * H + 2.0 * H * H, 0.0, 0.0),
+        "embed": (2.0 * n * E * C, 0.0, 0.0),
+        "down": block(c.downsample),
+        "to_hidden": (2.0 * m * C * H, 0.0, 0.0),
+        "layers": (float(L * layer_w), float(L * (12 * H * H + 4 * T * H * H)), float(L * (4 * m * m * H + 4 * m * T * H))),
+        "from_hidden": (2.0 * m * H * C, 0.0, 0.0),
+        "up": block(c.upsample),
+        "head": (2.0 * n * C * E + 2.0 * n * E * K, 0.0, 0.0),
+    }
+
+
+def analytic_uvit_forward_flops(uvit_config, batch: int, text_length: int, grid: int) -> float:
+    """Matmul and conv FLOPs (2 per multiply-add) of one forward pass of aMUSEd's UVit2D on `batch` grids of
+    grid x grid tokens with `text_length` text states (`_uvit_parts`; embedding lookups are gathers)."""
+    return float(batch * sum(w + a for w, _, a in _uvit_parts(uvit_config, text_length, grid).values()))
+
+
+def _adapter_tokens(names: tuple[str, ...], n: int, m: int, text_length: int) -> int:
+    """How many vectors per example the kernel of module path `names` (e.g. transformer_layers_0/attn2/to_k)
+    multiplies in the UVit2D: the text's for k and v of a cross-attention, one for the cond vector's
+    modulations, the token grid's for the embedding and head, else the m positions of the blocks."""
+    top, owner = names[0], names[-1]
+    cross = "attn2" in names or any(x.startswith("attention_blocks_") for x in names)
+    if (owner in ("to_k", "to_v") and cross) or owner == "kv_mapper" or top == "encoder_proj":
+        return text_length
+    if top == "cond_embed" or owner in ("linear", "cond_embeds_mapper"):
+        return 1
+    return n if top in ("embed", "mlm_layer") else m
+
+
+def lora_adapter_flops(adapters, uvit_config, text_length: int, grid: int) -> tuple[float, str]:
+    """(forward FLOPs per example of the LoRA adapters `adapters` (a tree of A [in, r], B [r, out] leaves), the
+    first of `UVIT_PARTS` holding one): qwix adds x·A·B beside each adapted kernel, 2·r·(in + out) per vector."""
+    import math
+
+    import jax
+
+    from muse_jax.training import lora as lora_lib
+
+    a_suffix, b_suffix = lora_lib.SUFFIXES
+    leaves = {tuple(lora_lib._names(p)): x for p, x in jax.tree_util.tree_leaves_with_path(adapters)}  # noqa: SLF001
+    n, m = grid * grid, uvit_grid(uvit_config, grid) ** 2
+    flops, parts = 0.0, []
+    for names, a in leaves.items():
+        if not names[-1].endswith(a_suffix):
+            continue
+        b = leaves[names[:-1] + (names[-1][: -len(a_suffix)] + b_suffix,)]
+        rank = a.shape[-1]
+        flops += 2.0 * rank * (math.prod(a.shape[:-1]) + math.prod(b.shape) // rank) * \
+            _adapter_tokens(names[:-1], n, m, text_length)
+        parts.append("layers" if names[0].startswith("transformer_layers_") else _UVIT_MODULE_PART.get(names[0], "text"))
+    return flops, min(parts, key=UVIT_PARTS.index) if parts else "head"
+
+
+def analytic_uvit_train_flops(uvit_config, batch: int, text_length: int, grid: int, remat: bool | None = None,
+                              lora: tuple[float, str] | None = None) -> dict[str, float]:
+    """Model FLOPs of a UVit2D training step and those executed with remat (one more forward of the
+    transformer layers). Full fine-tuning: 3x forward (forward, gradients of activations and of weights)
+    less the input gradients of the text and cond projections (their inputs are data). LoRA (`lora` =
+    `lora_adapter_flops`): the forward with the adapters, the activation gradients from the loss back to
+    the first adapted part (1x a weight matmul, 2x an attention product; none into the text's k/v or the
+    cond vector's modulations) and the adapters' gradients (2x their forward); no weight gradient of
+    the frozen kernels."""
+    c = uvit_config
+    remat = c.remat if remat is None else remat
+    parts = _uvit_parts(c, text_length, grid)
+    fwd = sum(w + a for w, _, a in parts.values())
+    if lora is None:
+        adapters, model = 0.0, 3 * fwd - parts["text"][0] - 2 * (c.cond_embed_dim + c.micro_cond_embed_dim) * \
+            c.hidden_size
+    else:
+        adapters, first = lora
+        trained = UVIT_PARTS[UVIT_PARTS.index(first):]
+        fwd += adapters
+        model = fwd + sum(w - const + 2 * a for p, (w, const, a) in parts.items() if p in trained) + 2 * adapters
+    executed = model
+    if remat:
+        w, _, a = parts["layers"]
+        executed += w + a + (adapters if lora is not None else 0.0)
+    return {"forward": float(batch * fwd), "model": float(batch * model), "executed": float(batch * executed)}
+
+
+def analytic_uvit_activation_bytes(uvit_config, batch: int, text_length: int, grid: int, remat: bool | None = None,
+                                   first_trained: str = "text") -> float:
+    """Activations the UVit2D keeps for the backward pass of `batch` examples (the per-device batch), in bytes.
+
+    In the compute dtype (s bytes), per position: a transformer layer keeps its three norms' inputs and
+    outputs, q, k, v, both attention outputs and the cross-attention's q (12·H) and the GEGLU's
+    projection and product (3·I); per example its cross-attention's text k, v (2·T·H); its attention
+    probabilities in float32 and s (h·m·(m + T)·(4 + s)); with dropout 1-byte masks (2·H + I). A residual
+    block keeps about 16·C (depthwise in and out, norm, the 4C linear, GELU and response-norm outputs),
+    an attention block 8·C and 2·hb·m·T·(4 + s) probabilities, with 4·T·C text k, v per example; the
+    embedding and head 4·E + 2·C per token. With `remat` a transformer layer keeps only its input (H),
+    and one layer's set is live again in its backward. Parts before `first_trained` (LoRA: the first
+    adapted one) keep nothing. Plus the float32 logits and their gradient (2·n·K·4 per example).
+    """
+    c = uvit_config
+    remat = c.remat if remat is None else remat
+    s = 2 if c.dtype in ("bfloat16", "float16") else 4
+    H, C, I, E, K, h, hb = c.hidden_size, c.block_out_channels, c.intermediate_size, c.in_channels, \
+        c.codebook_size, c.num_attention_heads, c.block_num_heads
+    T, n = text_length, grid * grid
+    m = uvit_grid(c, grid) ** 2
+    dropout = c.hidden_dropout > 0
+    layer = m * (s * (12 * H + 3 * I) + dropout * (2 * H + I)) + h * m * (m + T) * (4 + s) + 2 * T * H * s
+    block = c.num_res_blocks * (m * s * (16 * C + 8 * C) + 2 * hb * m * T * (4 + s) + 4 * T * C * s)
+    L = c.num_hidden_layers
+    parts = {
+        "embed": n * s * (2 * E + C), "down": block + (2 * n * C * s if c.downsample else 0),
+        "to_hidden": m * s * (2 * C + H), "layers": L * m * H * s + layer if remat else L * layer,
+        "from_hidden": m * s * (2 * H + C), "up": block + (2 * m * C * s if c.upsample else 0),
+        "head": n * s * (C + 2 * E) + 2 * n * K * 4,
+    }
+    first = UVIT_PARTS.index(first_trained)
+    return float(batch * sum(b for p, b in parts.items() if UVIT_PARTS.index(p) >= first))
+
+
+def analytic_clip_text_flops(clip_config, batch: int, length: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of CLIP's text tower and projection on `batch` texts of `length` ids:
+    per layer of width d and MLP width f, q, k, v, out 8·L·d², scores and weighted sum 4·L²·d, MLP 4·L·d·f;
+    the projection of the pooled state 2·d·p per text."""
+    t = clip_config.text
+    d, f, L = t.hidden_size, t.intermediate_size, length
+    per_layer = 8 * L * d * d + 4 * L * L * d + 4 * L * d * f
+    return float(batch * (t.num_hidden_layers * per_layer + 2 * d * clip_config.projection_dim))
+
+
+def amused_in_step_flops(clip_config, vqgan_config, batch: int, text_length: int, image_size: int) -> dict[str, float]:
+    """Analytic FLOPs of the frozen encoders an aMUSEd fine-tuning step runs on `batch` examples (forward
+    only): CLIP's text tower on the caption ids, the VQGAN encoder on the images."""
+    return {"clip_encoder": analytic_clip_text_flops(clip_config, batch, text_length),
+            "vqgan_encoder": analytic_vqgan_encoder_flops(vqgan_config, batch, image_size)}

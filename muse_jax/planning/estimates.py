@@ -136,31 +136,43 @@ def format_plan(p: Mapping[str, Any]) -> str:
     """A human-readable summary of `plan`'s result."""
     c, m, f = p["config"], p["memory_per_device"], p["flops"]
     mesh = ",".join(f"{k}={v}" for k, v in p["mesh"].items())
-    frozen = [name for name, key in (("T5 encoder", "analytic_t5_encoder"), ("VQGAN encoder(s)", "analytic_vqgan_encoder"))
-              if f.get(key)]
+    amused = c.get("family") == "amused"
+    encoders = (("CLIP text encoder", "analytic_clip_encoder"), ("VQGAN encoder", "analytic_vqgan_encoder")) if amused \
+        else (("T5 encoder", "analytic_t5_encoder"), ("VQGAN encoder(s)", "analytic_vqgan_encoder"))
+    frozen = [name for name, key in encoders if f.get(key)]
     source = {"images": f"{c.get('image_size')} px images and caption ids, tokenized in the step",
               "tokens": "tokens computed once and caption ids", "cache": "cached tokens and text"}
+    if amused:
+        trained = (f"LoRA rank {c['lora_rank']}: {c['params'] / 1e6:.2f}M adapter params trained, "
+                   f"{c['base_params'] / 1e9:.3f}B frozen" if c.get("lora_rank") else f"{c['params'] / 1e9:.3f}B params")
+        header = (f"plan: aMUSEd UVit2D fine-tune ({trained}; params {c['param_dtype']}, compute {c['dtype']}, "
+                  f"{c['optimizer']} state {c['optimizer_state_dtype']}, remat={c['remat']})")
+    else:
+        header = f"plan: {c['stage']} ({c['params'] / 1e9:.3f}B params, {c['dtype']}, {c['optimizer']}, remat={c['remat']})"
+    plus_frozen = " + frozen" if m.get("frozen_params") or m.get("base_params") else ""
     lines = [
-        f"plan: {c['stage']} ({c['params'] / 1e9:.3f}B params, {c['dtype']}, {c['optimizer']}, remat={c['remat']}), "
-        f"batch {c['batch_size']}, text length {c['text_length']}, mesh {mesh} ({p['num_devices']} devices)",
+        f"{header}, batch {c['batch_size']}, text length {c['text_length']}, mesh {mesh} ({p['num_devices']} devices)",
         f"step input: {source.get(c.get('step_source', 'cache'))}"
         + (f"; frozen in the step: {', '.join(frozen)}" if frozen else ""),
         "memory per device (state and frozen parameters: exact from the shardings; the rest: XLA memory analysis):",
         f"  params {_gib(m['params'])}, optimizer state {_gib(m['optimizer_state'])}"
-        + (f", ema {_gib(m['ema_params'])}" if m["ema_params"] else ""),
+        + (f", ema {_gib(m['ema_params'])}" if m["ema_params"] else "")
+        + (f", frozen UVit2D weights (LoRA base) {_gib(m['base_params'])}" if m.get("base_params") else ""),
         *([f"  frozen parameters ({', '.join(frozen)}; {c['frozen_params'] / 1e9:.3f}B) {_gib(m['frozen_params'])}"]
           if m.get("frozen_params") else []),
         f"  arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])}, aliased (donated) {_gib(m['aliased'])}, "
         f"temporaries (activations, gradients) {_gib(m['temporaries'])}",
         f"  peak {_gib(m['peak'])} (XLA:CPU); analytic saved activations {_gib(m['activations_analytic'])}; "
-        f"state + grads + activations{' + frozen' if m.get('frozen_params') else ''} {_gib(m['state_grads_activations'])}",
-        "  analytic saved activations by attention: "
-        + ", ".join(f"{a} {_gib(b)}" for a, b in m.get("activations_analytic_by_attention", {}).items())
-        + f" (this config: {c.get('attention', 'xla')})",
-        f"FLOPs per step: XLA {f['xla_total']:.3e} ({f['xla_per_device']:.3e} per device); analytic: transformer "
-        f"model {f['analytic_model']:.3e}, executed with remat {f['analytic_executed']:.3e}"
-        + (f"; frozen forward: T5 encoder {f.get('analytic_t5_encoder', 0.0):.3e}, VQGAN encoder(s) "
-           f"{f.get('analytic_vqgan_encoder', 0.0):.3e}; step {f['analytic_step']:.3e}" if frozen else "")
+        f"state + grads + activations{plus_frozen} {_gib(m['state_grads_activations'])}",
+        *([] if amused else [
+            "  analytic saved activations by attention: "
+            + ", ".join(f"{a} {_gib(b)}" for a, b in m.get("activations_analytic_by_attention", {}).items())
+            + f" (this config: {c.get('attention', 'xla')})"]),
+        f"FLOPs per step: XLA {f['xla_total']:.3e} ({f['xla_per_device']:.3e} per device); analytic: "
+        f"{'UVit2D' if amused else 'transformer'} model {f['analytic_model']:.3e}, executed with remat "
+        f"{f['analytic_executed']:.3e}"
+        + (f"; frozen forward: {', '.join(f'{name} {f.get(key, 0.0):.3e}' for name, key in encoders)}; "
+           f"step {f['analytic_step']:.3e}" if frozen else "")
         + ("; compute time from the analytic count (XLA counts the blockwise attention's loop bodies once)"
            if f.get("compute_per_device", f["xla_per_device"]) != f["xla_per_device"] else ""),
         f"HBM traffic per device (XLA estimate): {p['bytes_accessed_per_device'] / 1e9:.2f} GB",
@@ -171,12 +183,13 @@ def format_plan(p: Mapping[str, Any]) -> str:
         t, acc = e["step_time_s"], e["accelerator"]
         lines.append(
             f"{name} ({acc['name']}, {_gib(acc['hbm_bytes'])}): {'fits' if e['fits'] else 'DOES NOT FIT'} "
-            f"(state+grads+activations{'+frozen' if m.get('frozen_params') else ''} <= 90% HBM; "
+            f"(state+grads+activations{plus_frozen.replace(' ', '')} <= 90% HBM; "
             f"XLA:CPU peak {'fits' if e['fits_xla_cpu_peak'] else 'too big'}); "
             f"step: compute at peak {t['compute']:.3f}s, communication {t['communication']:.3f}s -> "
             f"bounds {t['lower_bound']:.3f}s (overlapped, at peak) .. {t['no_overlap']:.3f}s (serial); predicted "
             f"{t['predicted']:.3f}s at {t['efficiency']:.0%} of peak, MFU {e['mfu']['predicted']:.1%} "
-            f"(at most {e['mfu']['upper_bound']:.1%}{'; transformer FLOPs only' if frozen else ''}) "
+            f"(at most {e['mfu']['upper_bound']:.1%}{'; transformer FLOPs only' if frozen and not amused else ''}"
+            f"{'; UVit2D FLOPs only' if amused else ''}) "
             f"[HBM time per XLA:CPU bytes: {t['hbm']:.3f}s]"
         )
     cs = p["compile_seconds"]

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muse_jax import amused
+from muse_jax import amused, distributed
 from muse_jax import workdir as workdir_lib
 from muse_jax.data import clip_bpe, image_text, stage_data
 from muse_jax.models import clip, uvit, vqgan
@@ -211,3 +211,102 @@ def _merge_ignore(w):
         return [n for n in names if n not in (workdir_lib.CONFIG_FILE,)]
 
     return ignore
+
+
+# ----------------------------------------------------------------------------------------------
+# `train --init-from W0`: fine-tune any trained workdir into a new one.
+
+def init_workdir(workdir, source) -> dict:
+    """Starts the new workdir W from W0 (`muse-jax train --workdir W --init-from W0`); returns the record
+    W/init_from.json ({"workdir": W0, "family", "stages": {stage: step}}).
+
+    aMUSEd W0 (imported or fine-tuned): W gets W0's configs, VQGAN and CLIP, and W0's newest transformer
+    weights (adapters folded in for a LoRA fine-tune) as checkpoint 0: an imported-like workdir that
+    `train` fine-tunes like any (fully or with LoRA, whose frozen weights are then W's checkpoint 0).
+    Muse W0: W gets W0's run config, image tokenizers and text tokenizer; each stage W0 has trained starts
+    from W0's newest weights of that stage (its EMA where kept) when `train` first runs it.
+    Run again on the same W (a resume) it returns the record; any other non-empty W is refused, and a failed
+    copy leaves W as it was. Process 0 copies; every process returns after it."""
+    w, src = workdir_lib.path(workdir), workdir_lib.path(source)
+    record_path = w / workdir_lib.INIT_FILE
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record["workdir"] != str(src.resolve()):
+            raise ValueError(f"{w} was started from {record['workdir']}, not {src}")
+        return record
+    if not src.is_dir():
+        raise FileNotFoundError(f"--init-from {src}: no such workdir")
+    family = "amused" if amused.is_amused(src) else "muse"
+    stages = {s: workdir_lib.checkpoint_steps(src, s)[-1] for s in ("base", "superres")
+              if workdir_lib.checkpoint_steps(src, s)}
+    if not stages:
+        raise ValueError(f"--init-from {src}: it holds no trained stage (no {src}/base/checkpoints)")
+    if w.exists() and (not w.is_dir() or any(w.iterdir())):
+        raise ValueError(f"{w} is not empty; --init-from starts a new workdir")
+    record = {"workdir": str(src.resolve()), "family": family, "stages": stages}
+    if jax.process_index() == 0:
+        existed = w.exists()
+        try:
+            w.mkdir(parents=True, exist_ok=True)
+            for name in (workdir_lib.CONFIG_FILE, "tokenizer", "text"):
+                p = src / name
+                if p.is_dir():
+                    shutil.copytree(p, w / name, ignore=shutil.ignore_patterns("LOCK", "tb", "*.tmp"))
+                elif p.is_file():
+                    shutil.copy2(p, w / name)
+            if family == "amused":
+                workdir_lib.stage_dir(w, "base").mkdir(parents=True)
+                shutil.copy2(workdir_lib.stage_dir(src, "base") / workdir_lib.CONFIG_FILE,
+                             workdir_lib.stage_dir(w, "base") / workdir_lib.CONFIG_FILE)
+                loaded = amused.load(src)
+                run = amused.read_finetune(src)
+                params = loaded.params["uvit"]
+                if run and run.get("lora") and stages["base"] != BASE_STEP:
+                    params = jax.jit(lambda p: lora_lib.merge(p, lora_lib.LoraSpec.from_dict(run["lora"])))(params)
+                amused.save_params(workdir_lib.checkpoint_dir(w, "base"), params)
+            tmp = record_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+            tmp.replace(record_path)  # last: from here on W is W0's fine-tune
+        except BaseException:
+            for child in (w.iterdir() if w.exists() else []):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if not existed and w.exists():
+                w.rmdir()
+            raise
+    distributed.sync("init-from")
+    return record
+
+
+def frozen_weights(workdir, stage: str, shardings, dtype: str):
+    """The weights a fine-tune of W's `stage` starts from (full) or keeps frozen under its adapters (LoRA),
+    placed on `shardings` in `dtype`: an aMUSEd workdir's checkpoint 0; for a Muse stage, the newest weights
+    (EMA where kept) of the workdir W was started from (`init_workdir`), read there, never copied. None for a
+    Muse stage W0 lacks; a ValueError for LoRA on a Muse workdir that was not started from another."""
+    if is_finetune(workdir):
+        return base_params(workdir, shardings, dtype)
+    record = workdir_lib.read_init(workdir)
+    if record is None:
+        raise ValueError("config.lora.rank > 0 on a Muse workdir: LoRA trains adapters over the weights of "
+                         "another workdir (`muse-jax train --workdir W --init-from W0`)")
+    if stage not in record["stages"]:
+        return None
+    src = record["workdir"]
+    try:
+        _, params, _ = workdir_lib.load_stage_params(src, stage, step=int(record["stages"][stage]),
+                                                     sharding=shardings)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"cannot start the {stage} stage from {src}: {e} (does the config's config.{stage} "
+                         f"describe the model {src} trained?)") from None
+    return jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x.astype(dtype), p), out_shardings=shardings)(params)
+
+
+def init_config(source) -> str:
+    """The config `train --init-from W0` uses without --config: the fine-tuning recipe for an aMUSEd W0,
+    else the config W0 was trained with (W0/config.json or W0/base/config.json)."""
+    src = workdir_lib.path(source)
+    if amused.is_amused(src):
+        return default_config(src)
+    for p in (src / workdir_lib.CONFIG_FILE, workdir_lib.stage_dir(src, "base") / workdir_lib.CONFIG_FILE):
+        if p.is_file():
+            return str(p)
+    raise FileNotFoundError(f"--init-from {src}: no config.json to train with; pass --config")

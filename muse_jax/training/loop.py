@@ -269,14 +269,14 @@ def _train_locked_stage(config, workdir, stage: str, out_dir, *, data, stop_at, 
     model = finetune.build_model(config, workdir) if tune else workdir_lib.build_stage_model(config, stage)
     spec = lora_lib.LoraSpec.from_config(config)
     if spec is not None and not tune:
-        raise ValueError("config.lora.rank > 0: LoRA fine-tunes an imported aMUSEd workdir; set config.lora.rank=0")
+        model = lora_lib.wrap(model, spec)
     create, abstract, shardings = state_lib.state_setup(config, model, mesh, rules,
                                                         select=None if spec is None else lora_lib.adapters_only)
     base = combine = None
-    if spec is not None:  # the frozen weights beside the trained adapters
+    if spec is not None:  # LoRA: the frozen weights beside the trained adapters, read where they are
         base_shardings = partitioning.state_shardings(lora_lib.split(state_lib.abstract_params(model, config))[0],
                                                       mesh, rules)
-        base = (finetune.base_params(workdir, base_shardings, state_lib.param_dtype(config)), base_shardings)
+        base = (finetune.frozen_weights(workdir, stage, base_shardings, state_lib.param_dtype(config)), base_shardings)
         combine = lora_lib.combine
     ckpt = ckpt_lib.Checkpointer(out_dir / "checkpoints", save_every=int(t.checkpoint_every), keep=t.keep_checkpoints,
                                  keep_every=int(t.get("keep_every", 0)),
@@ -294,11 +294,16 @@ def _train_locked_stage(config, workdir, stage: str, out_dir, *, data, stop_at, 
         log.info("resumed %s from step %d", stage, start)
     else:  # outside the rules: qwix's LoRA init unboxes a kernel's names onto its lower-rank adapters there
         state = jax.jit(lambda r: nn.unbox(create(r)), out_shardings=shardings)(init_rng)
-    if start == 0 and tune and spec is None:  # full fine-tuning starts from the imported weights
-        state = state_lib.replace_params(state, shardings, finetune.base_params(
-            workdir, shardings.params, state_lib.param_dtype(config)))
-    elif start == 0 and t.get("init_from", ""):  # outside axis_rules, like the restore target above
-        state = state_lib.warm_start(state, shardings, workdir, stage, str(t.init_from), mesh, rules, quiet)
+    if start == 0 and spec is None:  # outside axis_rules, like the restore target above
+        # Full fine-tuning starts from the imported weights, or those of `train --init-from W0`; else a super-res
+        # stage may start from the trained base (config.train.init_from).
+        source = None
+        if tune or workdir_lib.read_init(workdir):
+            source = finetune.frozen_weights(workdir, stage, shardings.params, state_lib.param_dtype(config))
+        if source is not None:
+            state = state_lib.replace_params(state, shardings, source)
+        elif t.get("init_from", ""):
+            state = state_lib.warm_start(state, shardings, workdir, stage, str(t.init_from), mesh, rules, quiet)
     # The config the stage is trained with: written once the checks, the restore and the warm start have
     # passed, so that a refused `train` leaves the config of a working stage as it was.
     if tune:
@@ -381,7 +386,10 @@ def _train_locked_stage(config, workdir, stage: str, out_dir, *, data, stop_at, 
                     if (save_now or stop_now) and ckpt.save(done, state, data_iterator=it, force=True):
                         ckpt_lib.record_health(health, done, guard.last)
                     if int(t.sample_every) and done % int(t.sample_every) == 0 and data.preview is not None:
-                        preview.write_preview(model, state, data, jax.random.fold_in(sample_rng, done), writer,
+                        shown = state if combine is None else state.replace(  # LoRA: the adapters on the weights
+                            params=combine(base[0], state.params),
+                            ema_params=None if state.ema_params is None else combine(base[0], state.ema_params))
+                        preview.write_preview(model, shown, data, jax.random.fold_in(sample_rng, done), writer,
                                               out_dir, done)
                 bar.update(1)
                 dog.kick(done)

@@ -13,8 +13,8 @@ Every kernel that a module matching `spec.targets` (a regex that must match a wh
 e.g. "transformer_layers_0/attn1/to_q") multiplies with `jax.lax.dot_general` gets two parameters
 beside it in the same module: `<kernel>_lora_a` [prod(inputs), rank] and `<kernel>_lora_b`
 [rank, prod(outputs)], B starting at zero so a fresh wrap computes what the plain model does.
-qwix finds them by intercepting `jax.lax.dot_general` (and `jnp.einsum`) while the wrapped model
-runs: a module must call it on the kernel itself, or on the kernel after unary ops (astype,
+qwix finds the kernels by intercepting `jax.lax.dot_general` (and `jnp.einsum`) while the wrapped
+model runs: a module must call it on the kernel itself, or on the kernel after unary ops (astype,
 reshape) under jit; a matmul written `x @ w` is not seen. The adapters keep the kernel's logical
 axis names (A: the first input axis', B: the first output axis'), so `partitioning.state_shardings`
 shards them like their kernels.
@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 
 SUFFIXES = ("_lora_a", "_lora_b")
 
@@ -45,7 +46,7 @@ class LoraSpec:
     dropout: float = 0.0
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
+        if not _is_int(self.rank) or self.rank <= 0:
             raise ValueError(f"config.lora.rank={self.rank!r}: must be a positive integer (or 0 in a config: no LoRA)")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.number)) or not self.alpha > 0:
             raise ValueError(f"config.lora.alpha={self.alpha!r}: a positive number (adapters are scaled by alpha / rank)")
@@ -77,10 +78,9 @@ class LoraSpec:
         if section is None:
             return None
         rank = _get(section, "rank")
-        rank = 0 if rank is None else rank
-        if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool) and rank == 0:
+        if rank is None or (_is_int(rank) and rank == 0):
             return None
-        if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool) and rank > 0:
+        if _is_int(rank) and rank > 0:
             for name in ("alpha", "targets"):
                 if _get(section, name) is None:
                     raise ValueError(f"config.lora.{name} is missing (needed when config.lora.rank > 0)")
@@ -101,6 +101,10 @@ class LoraSpec:
         return cls(**dict(d))
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def _get(obj, key):
     if obj is None:
         return None
@@ -119,8 +123,6 @@ def wrap(model: nn.Module, spec: LoraSpec, *, deterministic: bool = False) -> nn
 
     qwix applies adapter dropout on every call when `spec.dropout` > 0 (then `apply` needs a "dropout"
     rng); deterministic=True leaves it out, for evaluation and sampling."""
-    import qwix
-
     dropout = 0.0 if deterministic else spec.dropout
     provider = qwix.LoraProvider(module_path=spec.targets, rank=spec.rank, alpha=spec.alpha, dropout=dropout)
     methods = ("__call__", "forward") if callable(getattr(type(model), "forward", None)) else ("__call__",)
@@ -249,7 +251,7 @@ def count(params) -> int:
 
 
 def describe(params) -> str:
-    """"N adapter parameters (x % of the model's M)" for a tree that holds the base parameters and adapters."""
+    """The line "N adapter parameters (x % of the model's M)" for a tree holding base parameters and adapters."""
     total = sum(_size(leaf) for leaf in jax.tree_util.tree_leaves(params))
     n = count(params)
     return f"{n:,} adapter parameters ({100 * n / max(total - n, 1):.2f} % of the model's {total - n:,})"
