@@ -13,7 +13,7 @@ INSTALL_REQUIRES = [
     "jaxlib==0.10.2",
     "flax==0.12.8",
     "optax==0.2.8",
-    # LoRA for the linen models (muse_jax/training/lora.py) from Google's maintained JAX library: it creates the
+    # LoRA for the linen models (muse_jax/models/lora.py) from Google's maintained JAX library: it creates the
     # adapters by intercepting dot_general in the matched modules and keeps the kernels' logical axis names.
     # Pinned because that interception relies on flax/jax internals; 0.1.8 runs with flax 0.12.8 and jax 0.10.2.
     "qwix==0.1.8",

@@ -263,7 +263,7 @@ def load(workdir, mesh=None, rules=None, step: int | None = None) -> Loaded:
 
     The UVit2D's parameters are the newest checkpoint's (or `step`'s): the imported weights (checkpoint 0)
     or a fine-tuned state (its EMA where kept); LoRA fine-tunes apply their adapters on top of checkpoint 0."""
-    from muse_jax.training import lora as lora_lib
+    from muse_jax.models import lora as lora_lib
 
     w = workdir_lib.path(workdir)
     cfg, ccfg, boxed = abstract_params(w)

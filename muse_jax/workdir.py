@@ -19,6 +19,10 @@ A workdir W holds everything a trained pipeline needs:
   W/<stage>/ema/<n>/, ema.json  the offline EMA of the checkpoints (`muse-jax ema`, training/ema.py) and
                                 what went into it; loaded in place of any other parameters
   W/samples/, W/eval/, W/report.md   the quickstart's sample grids, evaluation and report
+  W/init_from.json              the workdir W was started from and its stages' steps (`train --init-from`);
+                                a LoRA stage's frozen weights are read there
+An imported aMUSEd workdir (muse_jax/amused.py) has one stage, W/base, whose checkpoint 0 is the imported
+weights; fine-tuning (training/finetune.py) adds checkpoints 1, 2, ... and W/base/finetune.json.
 
 W may be a bucket URI (gs://...): everything is written there except the dataset and the text
 cache, local files by nature, which go to `paths.local_dir(W, ...)`.
@@ -308,7 +312,7 @@ def read_init(workdir) -> dict | None:
 def _load_lora_stage(workdir, stage: str, config, model, inputs, *, step, use_ema: bool, sharding):
     """`load_stage_params` of a stage fine-tuned with LoRA: the adapters of W's checkpoint on top of the weights
     of the workdir W was started from (its checkpoint of the step recorded then), with the wrapped model."""
-    from muse_jax.training import lora as lora_lib
+    from muse_jax.models import lora as lora_lib
 
     record = read_init(workdir)
     if record is None or stage not in record["stages"]:

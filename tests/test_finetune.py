@@ -240,3 +240,13 @@ def test_memory_options_train(env):
     assert float(out[True][0]) == float(out[False][0])
     for a, b in zip(jax.tree_util.tree_leaves(out[True][1]), jax.tree_util.tree_leaves(out[False][1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_switching_between_full_and_lora_on_one_workdir_is_refused(env, capsys):
+    w, shards = _copy(env, "switch")
+    assert cli.main(["train", "--workdir", str(w), *_args(shards, "--config.train.num_steps=1")]) == 0
+    before = _digest(w)
+    assert cli.main(["train", "--workdir", str(w), "--config", "amused_256_lora",
+                     *_args(shards, "--config.train.num_steps=2")]) == 2
+    err = capsys.readouterr().err
+    assert "full fine-tuning" in err and "--init-from" in err and _digest(w) == before

@@ -1,4 +1,4 @@
-"""LoRA adapters (training/lora.py) on the UVit2D and the Muse transformer: a fresh wrap computes the plain
+"""LoRA adapters (models/lora.py) on the UVit2D and the Muse transformer: a fresh wrap computes the plain
 model, merge folds trained adapters in, gradients reach the adapters only, logical names and sharding, errors."""
 import json
 
@@ -11,9 +11,8 @@ import optax
 import pytest
 from _multidevice import run_with_devices
 
+from muse_jax.models import lora, uvit
 from muse_jax.models import transformer as T
-from muse_jax.models import uvit
-from muse_jax.training import lora
 
 R = 4
 UVIT = uvit.UVit2DConfig(
@@ -219,7 +218,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from muse_jax.models import uvit
-from muse_jax.training import lora, partitioning
+from muse_jax.models import lora
+from muse_jax.training import partitioning
 
 cfg = uvit.UVit2DConfig(hidden_size=32, block_out_channels=24, in_channels=16, num_res_blocks=0,
                         num_hidden_layers=2, num_attention_heads=4, block_num_heads=2, codebook_size=32,

@@ -386,3 +386,186 @@ def test_frozen_encoder_flops_match_xla_and_the_stages_they_run_for():
     assert planning.in_step_flops(cfg, "base", 8, 16) == {"t5_encoder": 0.0, "vqgan_encoder": 0.0}
     assert planning.in_step_flops(config_lib.load_config("shapes", ["--config.text.trainable=False"]), "base", 8, 16) == \
         {"t5_encoder": 0.0, "vqgan_encoder": 0.0}  # the shapes cache: tokens and embeddings cached
+
+
+# aMUSEd fine-tuning (configs/amused_finetune.py) planned from its architecture presets, shrunk: a 2-layer UVit2D
+# (hidden 64, one residual and attention block of width 32 around it), a 1-layer CLIP text tower on 16 ids, an f4
+# VQGAN on 16 px images (4 x 4 tokens), LoRA rank 4.
+AMUSED_TINY = [
+    "--config.model.uvit.hidden_size=64", "--config.model.uvit.num_attention_heads=4",
+    "--config.model.uvit.num_hidden_layers=2", "--config.model.uvit.intermediate_size=128",
+    "--config.model.uvit.block_out_channels=32", "--config.model.uvit.in_channels=16",
+    "--config.model.uvit.num_res_blocks=1", "--config.model.uvit.block_num_heads=2",
+    "--config.model.uvit.codebook_size=64", "--config.model.uvit.vocab_size=72",
+    "--config.model.uvit.encoder_hidden_size=32", "--config.model.uvit.cond_embed_dim=16",
+    "--config.model.uvit.micro_cond_encode_dim=8", "--config.model.uvit.micro_cond_embed_dim=40",
+    "--config.model.uvit.sample_size=4",
+    "--config.model.clip.hidden_size=32", "--config.model.clip.num_hidden_layers=1",
+    "--config.model.clip.num_attention_heads=2", "--config.model.clip.intermediate_size=64",
+    "--config.model.clip.vocab_size=100", "--config.model.clip.projection_dim=16",
+    "--config.model.clip.max_position_embeddings=16", "--config.text.max_length=16",
+    "--config.model.vqgan.channels=(8,16,16)", "--config.model.vqgan.num_res_blocks=1",
+    "--config.model.vqgan.latent_channels=8", "--config.model.vqgan.code_dim=8",
+    "--config.model.vqgan.codebook_size=64", "--config.model.vqgan.norm_groups=8",
+    "--config.data.image_size=16", "--config.train.batch_size=4",
+]
+LORA_RANK = ["--config.lora.rank=4"]
+
+
+@pytest.fixture(scope="module")
+def amused_plans(tmp_path_factory):
+    """Tiny aMUSEd fine-tunes on one device: full (float32; bfloat16 parameters and Adam state; remat) and LoRA;
+    LoRA on FSDP over 2 through `muse-jax plan` (its printed plan and JSON)."""
+    out = tmp_path_factory.mktemp("amused_plan") / "lora_fsdp.json"
+    code = f"""
+import json
+from muse_jax import cli, config as config_lib, planning
+full = config_lib.load_config("amused_256_finetune", {AMUSED_TINY!r})
+lora = config_lib.load_config("amused_256_lora", {AMUSED_TINY + LORA_RANK!r})
+bf16 = config_lib.load_config("amused_256_finetune", {AMUSED_TINY!r} + ["--config.train.param_dtype=bfloat16"])
+out = {{"full": planning.plan(full, "data=1", ("h100",)), "lora": planning.plan(lora, "data=1", ("h100",)),
+        "bf16": planning.plan(bf16, "data=1", ("h100",)), "remat": planning.plan(full, "data=1", ("h100",), remat=True)}}
+assert cli.main(["plan", "--config", "amused_256_lora", "--mesh", "fsdp=2", "--accelerator", "tpu_v5e",
+                 "--json", {str(out)!r}, *{AMUSED_TINY + LORA_RANK!r}]) == 0
+print("PLANS" + json.dumps(out))
+"""
+    stdout = run_with_devices(code, n=2, timeout=600)
+    line = [l for l in stdout.splitlines() if l.startswith("PLANS")][-1]
+    plans = json.loads(line[len("PLANS"):])
+    plans["lora_fsdp"] = json.loads(out.read_text())
+    plans["report"] = stdout[: stdout.index("PLANS")]
+    return plans
+
+
+def _amused_sizes(overrides=AMUSED_TINY):
+    """Parameter counts of the presets as `overrides` shrink them, from the modules themselves: the UVit2D, the
+    CLIP text tower with its projection, and what `VQGAN.encode` reads (all but the decoder side)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from muse_jax import config as config_lib
+    from muse_jax.models import clip, uvit, vqgan
+
+    cfg = config_lib.load_config("amused_256_finetune", overrides)
+    ucfg, ccfg, vcfg = planning.amused_configs(cfg)
+    size = lambda tree: sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    ids = jnp.zeros((1, int(cfg.text.max_length)), jnp.int32)
+    n_clip = size(jax.eval_shape(lambda: clip.CLIPTextWithProjection(ccfg).init(jax.random.key(0), ids)["params"]))
+    vq = jax.eval_shape(lambda: nn.unbox(vqgan.init_params(vcfg, jax.random.key(0), int(cfg.data.image_size))))
+    n_vq = size(vq) - size(vq["decoder"]) - size(vq["post_quant_conv"])
+    return cfg, uvit.num_params(ucfg), n_clip, n_vq
+
+
+def test_amused_presets_are_the_published_architectures():
+    """configs/amused_finetune.py: amused-256 (the test fixture's sizes), amused-512 (the same with the 2x2
+    down/up-sampling, 32 x 32 tokens), CLIP-L/14's text tower, and diffusers' VQModel of both repos."""
+    import _amused_fixture as fixture
+
+    from muse_jax import config as config_lib
+    from muse_jax.models import vqgan_diffusers
+
+    for name, size, grid, resample in (("amused_256_finetune", 256, 16, False), ("amused_512_lora", 512, 32, True)):
+        cfg = config_lib.load_config(name)
+        ucfg, ccfg, vcfg = planning.amused_configs(cfg)
+        s = fixture.AMUSED_256
+        assert (ucfg.hidden_size, ucfg.num_attention_heads, ucfg.num_hidden_layers, ucfg.intermediate_size,
+                ucfg.block_out_channels, ucfg.in_channels, ucfg.num_res_blocks, ucfg.block_num_heads,
+                ucfg.codebook_size, ucfg.encoder_hidden_size, ucfg.cond_embed_dim, ucfg.micro_cond_encode_dim) == \
+            (s["hidden"], s["heads"], s["layers"], s["mlp"], s["channels"], s["in_channels"], s["res_blocks"],
+             s["block_heads"], s["codebook"], s["text_width"], s["projection"], s["micro_dim"])
+        assert (ucfg.sample_size, ucfg.downsample, ucfg.upsample, cfg.data.image_size) == (grid, resample, resample, size)
+        assert (ccfg.text.hidden_size, ccfg.text.num_hidden_layers, ccfg.text.num_attention_heads,
+                ccfg.text.intermediate_size, ccfg.text.max_position_embeddings, ccfg.text.vocab_size,
+                ccfg.projection_dim) == (768, 12, 12, 3072, 77, 49408, 768)
+        published = {"act_fn": "silu", "block_out_channels": [128, 256, 256, 512, 768], "in_channels": 3,
+                     "down_block_types": ["DownEncoderBlock2D"] * 5, "up_block_types": ["UpDecoderBlock2D"] * 5,
+                     "latent_channels": 64, "layers_per_block": 2, "lookup_from_codebook": True,
+                     "mid_block_add_attention": False, "norm_num_groups": 32, "norm_type": "group",
+                     "num_vq_embeddings": 8192, "out_channels": 3, "vq_embed_dim": None}
+        assert vcfg == vqgan_diffusers.config_from_diffusers(published)
+    # aMUSEd's published sizes: 603.5M (256) and 608.3M (512, the down/up-sampling convs) UVit2D parameters
+    _, n256, n_clip, _ = _amused_sizes([])
+    _, n512, _, _ = _amused_sizes(["--config.model.uvit.downsample=True", "--config.model.uvit.upsample=True"])
+    assert (n256, n512 - n256, n_clip) == (603_537_664, 2 * (768 + 4 * 768 * 768), 123_650_304)
+
+
+def test_amused_plan_counts_what_the_step_holds(amused_plans):
+    """Trained and frozen parameters, and XLA's argument bytes = parameters x 4 + Adam's mu and nu (+ its count)
+    + the frozen encoders (+ LoRA's frozen UVit2D) + the batch, within a few percent."""
+    cfg, n_uvit, n_clip, n_vq = _amused_sizes()
+    full, lora = amused_plans["full"], amused_plans["lora"]
+    B, S, L = 4, 16, 16
+    batch = B * (S * S * 3 + L * 4 + L + 2 * 4 + 2 * 4 + 4)  # image, text ids and mask, micro-condition fields
+    assert full["config"]["params"] == n_uvit and full["config"]["base_params"] == 0
+    assert full["config"]["frozen_params"] == lora["config"]["frozen_params"] == n_clip + n_vq
+    m = full["memory_per_device"]
+    assert (m["params"], m["frozen_params"], m["base_params"]) == (4 * n_uvit, 4 * (n_clip + n_vq), 0)
+    assert 8 * n_uvit <= m["optimizer_state"] <= 8 * n_uvit + 64
+    assert m["arguments"] == pytest.approx(4 * n_uvit + 8 * n_uvit + 4 * (n_clip + n_vq) + batch, rel=0.03)
+    assert m["aliased"] >= m["params"] + m["optimizer_state"] - 64  # the state is donated
+    assert m["peak"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
+    # LoRA: rank-4 adapters trained, the UVit2D's weights a frozen argument of the step
+    n_adapters = lora["config"]["params"]
+    assert lora["config"]["base_params"] == n_uvit and lora["config"]["lora_rank"] == 4
+    assert 0 < n_adapters < 0.1 * n_uvit
+    m = lora["memory_per_device"]
+    assert (m["params"], m["base_params"]) == (4 * n_adapters, 4 * n_uvit)
+    assert m["arguments"] == pytest.approx(4 * n_adapters * 3 + 4 * n_uvit + 4 * (n_clip + n_vq) + batch, rel=0.03)
+    # FSDP over 2 halves the frozen UVit2D's kernels (along `embed`), the adapters that take a kernel's `embed`
+    # axis (A of q, k, v, B of out: about half of them), CLIP's kernels and the codebook (not the VQGAN's convs)
+    f = amused_plans["lora_fsdp"]["memory_per_device"]
+    for k, most in (("params", 0.85), ("base_params", 0.6), ("frozen_params", 0.9)):
+        assert m[k] / 2 <= f[k] < most * m[k], k
+
+
+def test_amused_lora_and_memory_options_shrink_the_plan(amused_plans):
+    full, lora, bf16, remat = (amused_plans[k] for k in ("full", "lora", "bf16", "remat"))
+    m, ml = full["memory_per_device"], lora["memory_per_device"]
+    # LoRA: far fewer trained parameters; no optimizer state or gradient for the frozen weights
+    assert lora["config"]["params"] < 0.1 * full["config"]["params"]
+    for k in ("arguments", "peak", "state_grads_activations"):
+        assert ml[k] < m[k], k
+    assert ml["state_grads_activations"] < m["state_grads_activations"] - 2 * m["params"]
+    # bfloat16 parameters: half the parameter and Adam bytes
+    mb = bf16["memory_per_device"]
+    assert bf16["config"]["param_dtype"] == bf16["config"]["optimizer_state_dtype"] == "bfloat16"
+    assert mb["params"] == m["params"] // 2 and mb["optimizer_state"] <= m["optimizer_state"] // 2 + 64
+    assert mb["arguments"] == pytest.approx(m["arguments"] - (m["params"] + m["optimizer_state"]) / 2, rel=0.01)
+    # remat: fewer saved activations (XLA:CPU's temporaries at least do not grow); the layers run forward twice
+    mr = remat["memory_per_device"]
+    assert remat["config"]["remat"] and mr["activations_analytic"] < 0.8 * m["activations_analytic"]
+    assert mr["temporaries"] <= m["temporaries"]
+    assert remat["flops"]["xla_per_device"] > full["flops"]["xla_per_device"]
+    assert remat["flops"]["analytic_executed"] > full["flops"]["analytic_executed"] == full["flops"]["analytic_model"]
+
+
+def test_amused_plan_flops_and_report(amused_plans):
+    """The analytic counts (UVit2D, CLIP text, VQGAN encoder) against XLA's; the printed plan names them."""
+    for k in ("full", "lora"):
+        f = amused_plans[k]["flops"]
+        assert f["analytic_step"] == f["analytic_model"] + f["analytic_clip_encoder"] + f["analytic_vqgan_encoder"]
+        # XLA also counts the elementwise work (norms, GELU, softmax, Adam), large at these widths
+        assert f["analytic_step"] < f["xla_per_device"] < 1.25 * f["analytic_step"], k
+    full, lora = amused_plans["full"]["flops"], amused_plans["lora"]["flops"]
+    assert lora["analytic_model"] < 0.8 * full["analytic_model"]  # no weight gradients of the frozen kernels
+    assert lora["analytic_clip_encoder"] == full["analytic_clip_encoder"] > 0
+    fsdp = amused_plans["lora_fsdp"]
+    assert fsdp["num_devices"] == 2 and fsdp["flops"]["xla_per_device"] < 0.6 * lora["xla_per_device"]
+    report = amused_plans["report"]
+    assert "plan: aMUSEd UVit2D fine-tune (LoRA rank 4: " in report and "mesh data=1,fsdp=2,tensor=1" in report
+    assert "frozen in the step: CLIP text encoder, VQGAN encoder" in report
+    assert "frozen UVit2D weights (LoRA base)" in report and "tpu_v5e (TPU v5e" in report
+
+
+def test_amused_plan_refuses_what_it_cannot_plan():
+    from muse_jax import config as config_lib
+
+    cfg = config_lib.load_config("amused_256_finetune", AMUSED_TINY)
+    with pytest.raises(ValueError, match="one stage"):
+        planning.plan(cfg, "data=1", stage="superres")
+    with pytest.raises(ValueError, match="layers-from"):
+        planning.plan_extrapolated(cfg, "data=1", layers_from=(1, 2))
+    bad = config_lib.load_config("amused_256_finetune", AMUSED_TINY + ["--config.data.image_size=32"])
+    with pytest.raises(ValueError, match="image_size=32"):
+        planning.plan(bad, "data=1")

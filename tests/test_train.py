@@ -282,9 +282,9 @@ def test_init_from_another_workdir_starts_from_its_weights(tmp_path):
 def test_lora_on_a_muse_stage_trains_adapters_over_the_source_weights(tmp_path):
     """LoRA on a workdir started from W0: only adapters are trained and saved; loading the stage puts them on
     W0's weights (read from W0), which equals the plain model on the merged weights."""
+    from muse_jax.models import lora as lora_lib
     from muse_jax.models import transformer as transformer_lib
     from muse_jax.training import finetune
-    from muse_jax.training import lora as lora_lib
 
     cfg = tiny_config("--config.train.num_steps=3", "--config.train.checkpoint_every=3")
     loop.train_stage(cfg, tmp_path / "W0", "base", data=_data(cfg), quiet=True)

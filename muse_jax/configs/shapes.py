@@ -194,7 +194,7 @@ def get_config(arg=None):
 
     # Sampling and editing (muse_jax/sampling.py, editing.py, cascade.py; `muse-jax sample|edit`).
     # Muse uses 24 base / 8 super-res steps for 256 / 4096 tokens; 8x8 base tokens need fewer.
-    # LoRA fine-tuning (muse_jax/training/lora.py) of a workdir started from another (`train --init-from W0`):
+    # LoRA fine-tuning (muse_jax/models/lora.py) of a workdir started from another (`train --init-from W0`):
     # rank > 0 trains only low-rank adapters on the blocks' attention and MLP kernels; the weights stay W0's.
     config.lora = ml_collections.ConfigDict(dict(
         rank=0, alpha=1.0, targets=r".*block_\d+/(self_attention|cross_attention|mlp/wi|mlp/wo)", dropout=0.0))

@@ -172,7 +172,7 @@ class Attention(nn.Module):
         def project(name, inp, length_axis, bias=True):
             # [b, l, e] x [e, h, d] -> [b, l, h, d], then an explicit transpose to [b, h, l, d] (faster on CPU than
             # the einsum "ble,ehd->bhld", benchmarks/RESULTS.md). The kernel goes to lax.dot_general in its own
-            # shape so that qwix's LoRA (training/lora.py) finds it and names the adapters after its axes.
+            # shape so that qwix's LoRA (models/lora.py) finds it and names the adapters after its axes.
             w = _param(self, f"{name}_kernel", ("embed", "heads", "kv"), (e, h, d), _fan_in_init(0, (1, 2)))
             y = jax.lax.dot_general(inp, w.astype(dt), (((2,), (0,)), ((), ())))
             if bias:

@@ -25,6 +25,14 @@ encoders' forward passes take step time but are not counted as model FLOPs.
 Real steps are slower than the lower bound (no kernel reaches peak); the HBM-traffic time from
 XLA:CPU's bytes accessed is shown for reference only (CPU fusion is far coarser).
 
+aMUSEd fine-tuning (`config.family == "amused"`, configs/amused_finetune.py; training/finetune.py) is
+planned without a workdir, from the architecture presets `config.model.uvit`, `.clip` and `.vqgan` (the
+published amused-256/512, CLIP-L/14's text tower, aMUSEd's f16 VQ-GAN): the step `train` runs on an
+imported workdir, with the UVit2D trained whole or, with `config.lora.rank > 0`, only its LoRA adapters
+(the base weights a frozen step argument, counted as `base_params`), and the frozen VQGAN encoder and CLIP
+text tower in the step. Its analytic counts are `analytic_uvit_train_flops` (with `lora_adapter_flops`),
+`analytic_uvit_activation_bytes` and `analytic_clip_text_flops`.
+
 Deep models compile slowly on a CPU (muse_3b: 4-8 minutes per plan on one core). `layers_from=(a, b)`
 compiles the same model with a and b blocks and extrapolates every figure linearly to the
 configured depth (each block adds the same parameters, FLOPs, collectives and buffers);
@@ -46,8 +54,8 @@ The package:
   __init__.py   `plan` (set-up of the config and mesh, compile, memory figures, FLOPs figures),
                 `plan_extrapolated`, `parse_mesh`, `ensure_virtual_devices`; re-exports the rest
   hlo.py        reading compiled HLO: `collective_bytes`, the replica-group parser
-  analytic.py   analytic FLOPs (transformer, T5 encoder, VQGAN encoder, frozen encoders in the step)
-                and saved-activation bytes
+  analytic.py   analytic FLOPs (transformer, T5 encoder, VQGAN encoder, frozen encoders in the step; aMUSEd's
+                UVit2D, its LoRA adapters and CLIP's text tower) and saved-activation bytes
   estimates.py  `ACCELERATORS`, `accelerator`, `communication_seconds`, `estimate`, `format_plan`
 Importing the package does not import JAX (`ensure_virtual_devices` must run before JAX starts).
 """
@@ -250,6 +258,9 @@ def _setup(config, mesh, accelerators, *, stage, batch_size, remat, text_length)
     config = config.copy_and_resolve_references()
     if _is_amused(config) and stage != "base":
         raise ValueError(f"--stage {stage}: an aMUSEd fine-tune has one stage, its UVit2D (--stage base)")
+    if not _is_amused(config) and int((config.get("lora") or {}).get("rank", 0) or 0) > 0:
+        raise ValueError("config.lora.rank > 0: the planner plans LoRA for aMUSEd fine-tunes only; plan this Muse "
+                         "stage's full step with --config.lora.rank=0")
     with config.unlocked():
         if batch_size is not None:
             config.train.batch_size = int(batch_size)
@@ -367,9 +378,9 @@ def _compile_amused(s: _Setup) -> _Compiled:
     import jax.numpy as jnp
 
     from muse_jax.models import clip, uvit
+    from muse_jax.models import lora as lora_lib
     from muse_jax.training import checkpoint as ckpt_lib
     from muse_jax.training import finetune, partitioning
-    from muse_jax.training import lora as lora_lib
     from muse_jax.training import state as state_lib
     from muse_jax.training import step as step_lib
 
@@ -532,8 +543,8 @@ def _plan_config(s: _Setup, c: _Compiled, batch_per_device: int) -> dict[str, An
     if c.amused is not None:
         from muse_jax.training import state as state_lib
 
-        spec = config.lora.rank if "lora" in config else 0
-        out.update(family="amused", model="UVit2D", lora_rank=int(spec or 0),
+        rank = int(config.lora.rank or 0) if c.base is not None else 0
+        out.update(family="amused", model="UVit2D", lora_rank=rank,
                    base_params=transformer_lib.count_params(c.base[0]) if c.base is not None else 0,
                    param_dtype=state_lib.param_dtype(config),
                    optimizer_state_dtype=str(config.train.get("optimizer_state_dtype", "")) or

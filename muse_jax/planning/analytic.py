@@ -6,7 +6,10 @@
   - `analytic_activation_bytes`: the activations saved for the backward pass (by attention path);
   - `step_source` and `in_step_flops`: what the step of `muse-jax train` runs besides the transformer;
   - `compute_flops_per_device`: the FLOPs the compute time is taken from (XLA's, or the analytic
-    count where XLA's cost analysis misses the blockwise attention's loops).
+    count where XLA's cost analysis misses the blockwise attention's loops);
+  - aMUSEd fine-tuning: `analytic_uvit_forward_flops`, `analytic_uvit_train_flops` (full, or LoRA with
+    `lora_adapter_flops`), `analytic_uvit_activation_bytes`, and `amused_in_step_flops` (CLIP's text tower,
+    `analytic_clip_text_flops`, and the VQGAN encoder, which the step runs frozen).
 """
 from __future__ import annotations
 
@@ -335,7 +338,7 @@ def lora_adapter_flops(adapters, uvit_config, text_length: int, grid: int) -> tu
 
     import jax
 
-    from muse_jax.training import lora as lora_lib
+    from muse_jax.models import lora as lora_lib
 
     a_suffix, b_suffix = lora_lib.SUFFIXES
     leaves = {tuple(lora_lib._names(p)): x for p, x in jax.tree_util.tree_leaves_with_path(adapters)}  # noqa: SLF001

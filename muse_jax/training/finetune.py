@@ -16,7 +16,7 @@ aMUSEd's training objective, run by the ordinary training loop (training/loop.py
 W stays an aMUSEd workdir: the imported weights are checkpoint 0 of W/base/checkpoints, which is
 never deleted; training saves steps 1, 2, ... there (TrainState: params, opt_state, EMA), and the run
 config goes to W/base/finetune.json (W/base/config.json keeps describing the model). With LoRA
-(`config.lora.rank > 0`, training/lora.py) only the adapters are trained and checkpointed; the
+(`config.lora.rank > 0`, models/lora.py) only the adapters are trained and checkpointed; the
 frozen weights are always read from checkpoint 0. `muse_jax.amused.load` (sample, edit, eval)
 reads the newest checkpoint (its EMA where kept), with the adapters on top of checkpoint 0 for LoRA;
 `muse-jax lora merge` writes a workdir with the adapters folded in.
@@ -37,8 +37,8 @@ from muse_jax import amused, distributed
 from muse_jax import workdir as workdir_lib
 from muse_jax.data import clip_bpe, image_text, stage_data
 from muse_jax.models import clip, uvit, vqgan
+from muse_jax.models import lora as lora_lib
 from muse_jax.training import checkpoint as ckpt_lib
-from muse_jax.training import lora as lora_lib
 from muse_jax.training import online
 
 BASE_STEP = 0  # the imported weights' checkpoint
@@ -67,6 +67,14 @@ def check_config(config, workdir) -> None:
         raise ValueError(f"config {config.get('name', '')!r} fine-tunes an imported aMUSEd, and {workdir} is not one "
                          f"(`muse-jax import-amused --workdir W SRC` makes one)")
     if is_finetune(workdir):
+        run = amused.read_finetune(workdir)
+        trained = [s for s in workdir_lib.checkpoint_steps(workdir, "base") if s != BASE_STEP]
+        spec = lora_lib.LoraSpec.from_config(config)
+        before = run and run.get("lora") and lora_lib.LoraSpec.from_dict(run["lora"])
+        if trained and run and (spec or None) != (before or None):
+            kind = lambda s: f"LoRA {s.to_dict()}" if s else "full fine-tuning"  # noqa: E731
+            raise ValueError(f"{workdir} holds {kind(before)} checkpoints (steps {trained}); this config asks for "
+                             f"{kind(spec)}: fine-tune into a new workdir (`--init-from {workdir}`)")
         size = int(amused.stage_config(workdir)["image_size"])
         if int(config.data.image_size) != size:
             raise ValueError(f"config.data.image_size={config.data.image_size}: this aMUSEd workdir takes {size} px "

@@ -24,11 +24,11 @@ from muse_jax import distributed, image_ops, precision
 from muse_jax import workdir as workdir_lib
 from muse_jax.data import image_text, shapes, sources, stage_data, token_cache, token_shards
 from muse_jax.data import loader as loader_lib
+from muse_jax.models import lora as lora_lib
 from muse_jax.models import transformer as transformer_lib
 from muse_jax.training import checkpoint as ckpt_lib
 from muse_jax.training import finetune, online, partitioning, preview, stage_model
 from muse_jax.training import lock as lock_lib
-from muse_jax.training import lora as lora_lib
 from muse_jax.training import state as state_lib
 from muse_jax.training import step as step_lib
 from muse_jax.training import tokenize as tokenize_lib
