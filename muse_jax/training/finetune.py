@@ -58,7 +58,9 @@ def default_config(workdir) -> str:
 
 
 def check_config(config, workdir) -> None:
-    """Refuses a config of the other family: a Muse config on an aMUSEd workdir and the reverse."""
+    """Refuses, before anything is written: a config of the other family (a Muse config on an aMUSEd workdir
+    and the reverse), switching between full and LoRA fine-tuning on one workdir, and images of another size
+    than the imported model's."""
     family = config.get("family", "muse")
     if is_finetune(workdir) and family != "amused":
         raise ValueError(f"{workdir} holds an imported aMUSEd; train it with a fine-tuning config "
@@ -87,14 +89,13 @@ def build_model(config, workdir) -> uvit.UVit2D:
     cfg = amused.stage_config(workdir)
     ucfg = uvit.UVit2DConfig.from_dict(cfg["uvit"])
     overrides = {k: v for k, v in dict(config.get("model") or {}).items() if k in ("dtype", "remat", "hidden_dropout")}
-    if overrides.get("remat") and not hasattr(ucfg, "remat"):
-        raise ValueError("config.model.remat: this UVit2D has no rematerialisation option")
     model = uvit.UVit2D(dataclasses.replace(ucfg, **overrides))
     spec = lora_lib.LoraSpec.from_config(config)
     if spec is None:
         return model
     model = lora_lib.wrap(model, spec)
-    lora_lib.init_adapters(model, jax.random.key(0), *uvit.dummy_inputs(model.config, 1, 1), abstract=True)  # any?
+    # refuses, in one line, targets that match no layer
+    lora_lib.init_adapters(model, jax.random.key(0), *uvit.dummy_inputs(model.config, 1, 1), abstract=True)
     return model
 
 
@@ -153,12 +154,12 @@ def prepare_step(config, vq_config: vqgan.VQGANConfig, vq_params, clip_config, c
                  hidden_layer: int, *, mesh, rules) -> online.Prepare:
     """`Prepare.fn(frozen, batch)`: {"image", "text_ids", micro-condition fields} -> the UVit2D's inputs.
     `clip_params`/`vq_params` None: abstract (ShapeDtypeStructs with shardings, for planning)."""
-    vq_boxed = online._boxed(vq_config, image_size)
+    vq_boxed = online.encoder_boxed(vq_config, image_size)
     boxed = {"vqgan": vq_boxed, "clip": clip_boxed}
     if clip_params is None:
-        frozen, shardings = online._abstract(boxed, mesh, rules)
+        frozen, shardings = online.abstract_placement(boxed, mesh, rules)
     else:
-        frozen, shardings = online.place({"vqgan": online._encoder_only(vq_params), "clip": clip_params}, boxed,
+        frozen, shardings = online.place({"vqgan": online.encoder_only(vq_params), "clip": clip_params}, boxed,
                                          mesh, rules)
     model = vqgan.VQGAN(vq_config)
     aesthetic = float(config.train.get("aesthetic_score", 6.0))

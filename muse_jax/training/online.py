@@ -69,7 +69,7 @@ class Prepare:
         # The step keeps the module only: the loaded (unsharded) T5 parameters are placed and let go,
         # so no device holds a whole frozen T5 (T5-XXL's encoder is 17.7 GiB in float32).
         text_module = None if text_encoder is None else text_encoder[0]
-        params = {name: _encoder_only(tokenizers[name].params) for name in _tokenizer_stages(stage)}
+        params = {name: encoder_only(tokenizers[name].params) for name in _tokenizer_stages(stage)}
         if text_encoder is not None:
             params["text"] = text_encoder[1]
         vqgans = {name: tokenizers[name].config for name in _tokenizer_stages(stage)}
@@ -94,7 +94,7 @@ class Prepare:
         """The step of `build` and `abstract`: `vqgans` maps each stage in use to its tokenizer's config;
         `params` holds the loaded parameters ("base"[, "superres"][, "text"]) to place, None for abstract ones."""
         base_px = workdir_lib.check_stage_tokenizer(config, "base", vqgans["base"])
-        boxed = {"base": _boxed(vqgans["base"], base_px)}
+        boxed = {"base": encoder_boxed(vqgans["base"], base_px)}
         image_size = base_px
         if stage == "superres":
             image_size = workdir_lib.check_stage_tokenizer(config, "superres", vqgans["superres"])
@@ -103,11 +103,11 @@ class Prepare:
             if int(config.superres.lowres_grid_size) != int(config.base.grid_size):
                 raise ValueError(f"config.superres.lowres_grid_size={config.superres.lowres_grid_size} is not "
                                  f"config.base.grid_size={config.base.grid_size}")
-            boxed["superres"] = _boxed(vqgans["superres"], image_size)
+            boxed["superres"] = encoder_boxed(vqgans["superres"], image_size)
         if text_module is not None:
             boxed["text"] = _text_boxed(config, text_module)
         if params is None:
-            frozen, shardings = _abstract(boxed, mesh, rules)
+            frozen, shardings = abstract_placement(boxed, mesh, rules)
         else:
             frozen, shardings = place(params, boxed, mesh, rules)
         models = {k: vqgan.VQGAN(c) for k, c in vqgans.items()}
@@ -148,7 +148,7 @@ class Prepare:
     def _assemble_text(cls, config, module: t5.T5Encoder, params, *, mesh, rules) -> Prepare:
         """The step of `text_only` and `abstract_text_only` (`params` None: abstract)."""
         boxed = {"text": _text_boxed(config, module)}
-        frozen, shardings = _abstract(boxed, mesh, rules) if params is None else place(params, boxed, mesh, rules)
+        frozen, shardings = abstract_placement(boxed, mesh, rules) if params is None else place(params, boxed, mesh, rules)
 
         def fn(frozen, batch):
             batch = dict(batch)
@@ -179,7 +179,7 @@ def _frozen_text_module(config, required: bool = False) -> t5.T5Encoder | None:
     return t5.T5Encoder(t5.T5Config.coerce(config.text.encoder))
 
 
-def _abstract(abstract_boxed, mesh, rules):
+def abstract_placement(abstract_boxed, mesh, rules):
     """(ShapeDtypeStructs with the shardings that `place` would give, those shardings)."""
     shardings = partitioning.state_shardings(abstract_boxed, mesh, rules)
     frozen = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -198,10 +198,11 @@ def _text_boxed(config, module: t5.T5Encoder):
     return jax.eval_shape(lambda: module.init(jax.random.key(0), ids)["params"])
 
 
-def _boxed(vqgan_config: vqgan.VQGANConfig, image_size: int):
-    return _encoder_only(jax.eval_shape(lambda: vqgan.init_params(vqgan_config, jax.random.key(0), image_size)))
+def encoder_boxed(vqgan_config: vqgan.VQGANConfig, image_size: int):
+    """The abstract, boxed (logical axis names) parameters `VQGAN.encode` reads, for `image_size` px images."""
+    return encoder_only(jax.eval_shape(lambda: vqgan.init_params(vqgan_config, jax.random.key(0), image_size)))
 
 
-def _encoder_only(vqgan_params):
+def encoder_only(vqgan_params):
     """The parameters `VQGAN.encode` reads: the decoder's are not placed on the devices."""
     return {k: v for k, v in vqgan_params.items() if k not in ("decoder", "post_quant_conv")}
