@@ -7,6 +7,9 @@ sentencepiece ids for a T5 trained jointly with the stage (config.text.trainable
 default), or embeddings of a frozen T5 cached once) -> mesh and sharded state -> restore if a
 checkpoint exists, else a fresh or warm-started state -> the jitted step in a loop with metrics,
 sample previews, checkpoints, a NaN guard and SIGTERM handling. Where it writes: muse_jax/workdir.py.
+Fine-tuning goes through the same loop (training/finetune.py): an imported aMUSEd workdir starts from
+its weights (checkpoint 0), a workdir made by `--init-from W0` from W0's; with `config.lora.rank > 0`
+the state holds only LoRA adapters and the frozen weights are a step argument.
 """
 from __future__ import annotations
 
@@ -276,8 +279,11 @@ def _train_locked_stage(config, workdir, stage: str, out_dir, *, data, stop_at, 
     if spec is not None:  # LoRA: the frozen weights beside the trained adapters, read where they are
         base_shardings = partitioning.state_shardings(lora_lib.split(state_lib.abstract_params(model, config))[0],
                                                       mesh, rules)
-        base = (finetune.frozen_weights(workdir, stage, base_shardings, state_lib.param_dtype(config)), base_shardings)
-        combine = lora_lib.combine
+        frozen = finetune.frozen_weights(workdir, stage, base_shardings, state_lib.param_dtype(config))
+        if frozen is None:
+            raise ValueError(f"config.lora.rank > 0: the workdir {workdir} was started from has no trained {stage} "
+                             "stage to put adapters on")
+        base, combine = (frozen, base_shardings), lora_lib.combine
     ckpt = ckpt_lib.Checkpointer(out_dir / "checkpoints", save_every=int(t.checkpoint_every), keep=t.keep_checkpoints,
                                  keep_every=int(t.get("keep_every", 0)),
                                  keep_steps=(finetune.BASE_STEP,) if tune else ())
