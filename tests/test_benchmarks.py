@@ -1,5 +1,6 @@
 """The benchmark scripts run (smoke sizes) and report what they claim; no timing is asserted."""
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -74,3 +75,21 @@ def test_amused_pipeline_benchmark_times_both_sides_on_the_same_weights():
     (memory,) = [r for r in rows if "impl" not in r]
     # the parameters are among the program's arguments (float32: 4 bytes each)
     assert memory["argument_gib"] * 2**30 >= 4 * memory["params"] and memory["temp_gib"] > 0
+
+
+def test_finetune_shapes_runs_end_to_end_and_prints_its_table():
+    pytest.importorskip("diffusers")
+    out = subprocess.run([sys.executable, str(BENCH / "finetune_shapes.py"), "--size", "tiny", "--tokenizer-steps", "1",
+                          "--tokenizer-eval-images", "4", "--num-train", "8", "--steps", "2", "--batch", "2", "--eval", "4",
+                          "--sample-batch", "4", "--matmul", "float32"], cwd=BENCH, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    header, rule, *rows = [line.strip("|").split("|") for line in out.stdout.splitlines() if line.startswith("|")]
+    header = [h.strip() for h in header]
+    assert [r[0].strip() for r in rows] == ["test images through the VQGAN", "untouched W", "fine-tuned W"]
+    tuned = dict(zip(header, (c.strip() for c in rows[-1])))
+    assert tuned["step"] == "2" and all(math.isfinite(float(tuned[k])) for k in ("loss first", "loss last"))
+    for r in rows:
+        for k in ("count", "color", "shape", "all"):
+            assert 0.0 <= float(dict(zip(header, r))[k]) <= 1.0
+    assert "command: python benchmarks/finetune_shapes.py --size tiny" in out.stdout
