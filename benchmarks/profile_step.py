@@ -31,7 +31,7 @@ import jax
 import sample as sample_bench
 import train_step as train_bench
 
-from muse_jax.training import partitioning
+from muse_jax import partitioning
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\w+)\((.*)$", re.M)
 

@@ -36,9 +36,9 @@ import numpy as np
 from flax import linen as nn
 
 from muse_jax import config as config_lib
-from muse_jax import planning, precision
+from muse_jax import partitioning, planning, precision
 from muse_jax.models import transformer
-from muse_jax.training import optimizer, partitioning
+from muse_jax.training import optimizer
 from muse_jax.training import step as step_lib
 
 

@@ -27,12 +27,12 @@ import numpy as np
 from flax import linen as nn
 
 from muse_jax import cascade
+from muse_jax import checkpoint as ckpt_lib
 from muse_jax import config as config_lib
 from muse_jax import workdir as workdir_lib
 from muse_jax.data import text as text_lib
 from muse_jax.evaluation import alignment, inception, zero_shot
 from muse_jax.models import clip, transformer, vqgan
-from muse_jax.training import checkpoint as ckpt_lib
 from muse_jax.training import loop
 
 COLUMNS = [

@@ -39,11 +39,11 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from muse_jax import checkpoint as ckpt_lib
+from muse_jax import partitioning
 from muse_jax import workdir as workdir_lib
 from muse_jax.data import clip_bpe
 from muse_jax.models import clip, uvit, vqgan_diffusers
-from muse_jax.training import checkpoint as ckpt_lib
-from muse_jax.training import partitioning
 
 FAMILY = "amused"
 COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vqvae", "scheduler")

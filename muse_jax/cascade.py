@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import pathlib
 import warnings
@@ -35,10 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muse_jax import amused, editing, image_ops, precision, sampling
+from muse_jax import amused, editing, image_ops, partitioning, precision, sampling
 from muse_jax import workdir as workdir_lib
-from muse_jax.training import partitioning
-from muse_jax.training import state as state_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +106,20 @@ class SampleOptions:
         )
 
 
+def muse_text_embed(model, params, text: dict) -> tuple[jax.Array, jax.Array]:
+    """(emb [B, L, D], mask [B, L]) of a Muse stage's text: {"ids", "mask"} through its joint T5, or
+    {"emb", "mask"} from a frozen encoder as they are."""
+    if model.text_encoder_config is not None:
+        return model.apply({"params": params}, text["ids"], text["mask"], method=model.encode_text), text["mask"]
+    return text["emb"], text["mask"]
+
+
+def muse_logits(model, params, tokens, emb, mask, lowres=None) -> jax.Array:
+    """A Muse stage's logits [B, N, K] for tokens [B, N] (super-resolution: with its lowres tokens)."""
+    args = (tokens, emb, mask) if lowres is None else (tokens, emb, mask, lowres)
+    return model.apply({"params": params}, *args, deterministic=True)
+
+
 @dataclasses.dataclass(eq=False)
 class Stage:
     """One masked transformer ready for sampling, independent of how it was built.
@@ -125,6 +138,7 @@ class Stage:
     apply: Callable[..., jax.Array]
     lowres_grid_size: int = 0
     micro_conditioning: tuple[float, ...] | None = None  # the default of a stage that takes micro-conditions
+    image_tokenizer: str = ""  # the workdir's image tokenizer the stage was trained on ("": W/tokenizer)
 
     @property
     def num_tokens(self) -> int:
@@ -142,9 +156,6 @@ class Stage:
                 ids, mask = text_tokenizer(list(prompts))
                 return {"ids": ids, "mask": mask}
 
-            def embed(params, t):
-                return model.apply({"params": params}, t["ids"], t["mask"], method=model.encode_text), t["mask"]
-
         else:
             if text_encode is None:
                 raise ValueError(f"stage {name!r} has no text encoder of its own: a frozen text_encode is needed")
@@ -154,13 +165,7 @@ class Stage:
                 emb, mask = text_encode(list(prompts))
                 return {"emb": np.asarray(emb), "mask": np.asarray(mask)}
 
-            def embed(params, t):
-                return t["emb"], t["mask"]
-
-        def apply(params, tokens, emb, mask, lowres=None):
-            args = (tokens, emb, mask) if lowres is None else (tokens, emb, mask, lowres)
-            return model.apply({"params": params}, *args, deterministic=True)
-
+        embed, apply = functools.partial(muse_text_embed, model), functools.partial(muse_logits, model)
         return cls(name, params, cfg.grid_size, model.mask_token_id, prepare_text, embed, apply,
                    cfg.lowres_grid_size)
 
@@ -194,13 +199,15 @@ class Stage:
                    micro_conditioning=loaded.micro_conditioning)
 
     @classmethod
-    def from_workdir(cls, workdir, name: str, sharding=None, step: int | None = None) -> Stage:
+    def from_workdir(cls, workdir, name: str, mesh=None, rules=None, step: int | None = None) -> Stage:
         """A trained stage ("base" or "superres") of W: its parameters (EMA where kept; the checkpoint of
-        `step` if given, default the newest) and text tokenizer."""
-        model, params, config = workdir_lib.load_stage_params(workdir, name, sharding=sharding, step=step)
+        `step` if given, default the newest; sharded over `mesh` by their logical axis names) and text
+        tokenizer."""
+        model, params, config = workdir_lib.load_stage(workdir, name, mesh=mesh, rules=rules, step=step)
         spm = workdir_lib.text_tokenizer(workdir, config.text)
+        tokenizer = workdir_lib.stage_tokenizer(config, name)
         if model.text_encoder_config is not None:
-            return cls.from_model(name, model, params, spm)
+            return dataclasses.replace(cls.from_model(name, model, params, spm), image_tokenizer=tokenizer)
         if not config.text.get("checkpoint", ""):
             raise FileNotFoundError(
                 f"stage {name} of {workdir} was trained on a frozen T5's embeddings, but its config names no "
@@ -211,7 +218,8 @@ class Stage:
         tcfg = t5.T5Config.coerce(config.text.encoder)
         encoder = t5.T5Encoder(tcfg)
         encode = text_lib.make_encode_fn(spm, encoder, t5.load_hf(config.text.checkpoint, tcfg))
-        return cls.from_model(name, model, params, spm, text_encode=encode)
+        return dataclasses.replace(cls.from_model(name, model, params, spm, text_encode=encode),
+                                   image_tokenizer=tokenizer)
 
 
 def _warn_unknown(text_tokenizer, prompts) -> None:
@@ -306,8 +314,7 @@ class Pipeline:
         rules = None if mesh is None else partitioning.logical_rules(config)
 
         def stage(name):  # with a mesh: each parameter restored into the shards of its logical axes
-            sharding = None if mesh is None else state_lib.stage_param_shardings(workdir, name, mesh, rules)
-            return Stage.from_workdir(workdir, name, sharding, step=(steps or {}).get(name))
+            return Stage.from_workdir(workdir, name, mesh=mesh, rules=rules, step=(steps or {}).get(name))
 
         base = stage("base")
         try:
@@ -315,11 +322,9 @@ class Pipeline:
         except FileNotFoundError as e:
             warnings.warn(f"{e}; sampling at the base resolution only", UserWarning, stacklevel=2)
             superres = None
-        # Each stage's tokenizer, as named by the config it was trained with.
-        tokenizers = {}
-        for stage in ("base", "superres") if superres is not None else ("base",):
-            name = workdir_lib.stage_tokenizer(workdir_lib.load_stage_config(workdir, stage), stage)
-            tokenizers[stage] = workdir_lib.load_image_tokenizer(workdir, mesh=mesh, name=name)
+        # Each stage's image tokenizer, as named by the config it was trained with.
+        tokenizers = {s.name: workdir_lib.load_image_tokenizer(workdir, mesh=mesh, name=s.image_tokenizer)
+                      for s in (base, superres) if s is not None}
         tokenizers.setdefault("superres", tokenizers["base"])
         return cls(tokenizers, base, superres, options, mesh=mesh, rules=rules)
 

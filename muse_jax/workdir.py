@@ -27,7 +27,7 @@ weights; fine-tuning (training/finetune.py) adds checkpoints 1, 2, ... and W/bas
 W may be a bucket URI (gs://...): everything is written there except the dataset and the text
 cache, local files by nature, which go to `paths.local_dir(W, ...)`.
 
-Loaders read parameters only, never optimizer state (`training.checkpoint.restore_subtree`).
+Loaders read parameters only, never optimizer state (`checkpoint.restore_subtree`).
 """
 from __future__ import annotations
 
@@ -40,12 +40,12 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
+from muse_jax import checkpoint as ckpt_lib
 from muse_jax import config as config_lib
-from muse_jax import distributed, paths
+from muse_jax import distributed, partitioning, paths
 from muse_jax.data import text as text_lib
 from muse_jax.models import transformer as transformer_lib
 from muse_jax.models import vqgan
-from muse_jax.training import checkpoint as ckpt_lib
 
 CONFIG_FILE = "config.json"
 EMA_FILE = "ema.json"
@@ -263,19 +263,36 @@ def build_stage_model(config, stage: str):
     return transformer_lib.build(config[stage], text_cfg)
 
 
-def load_stage_params(workdir, stage: str, *, step: int | None = None, use_ema: bool = True,
-                      sharding=None) -> tuple[Any, Any, ml_collections.ConfigDict]:
-    """(model, params, config) of a trained stage: parameters only, placed with `sharding` (default:
-    this process's first device). With `use_ema`: the offline EMA of `muse-jax ema` if there is one
-    (and no `step` is asked for), else the EMA weights kept in the checkpoint (config.train.ema_decay)."""
+def stage_param_shardings(workdir, stage: str, mesh, rules):
+    """The shardings of trained `stage`'s parameters on `mesh`, from the logical axis names of its model."""
+    config = load_stage_config(workdir, stage)
+    model = build_stage_model(config, stage)
+    inputs = transformer_lib.dummy_inputs(model, 1, int(config.text.max_length))
+    boxed = jax.eval_shape(lambda: transformer_lib.init_params(model, jax.random.key(0), inputs))
+    return partitioning.state_shardings(boxed, mesh, rules)
+
+
+def _first_device():
+    return NamedSharding(jax.sharding.Mesh(jax.local_devices()[:1], ("data",)), PartitionSpec())
+
+
+def load_stage(workdir, stage: str, *, step: int | None = None, use_ema: bool = True, mesh=None, rules=None,
+               sharding=None) -> tuple[Any, Any, ml_collections.ConfigDict]:
+    """(model, params, config) of a trained stage: the loader sampling, evaluation, warm starts and the
+    offline EMA share. Parameters only, each restored into the shards its logical axis names give on
+    `mesh` (under `rules`), or onto `sharding` (one sharding or a tree of them); default this process's
+    first device. With `use_ema`: the offline EMA of `muse-jax ema` if there is one (and no `step` is
+    asked for), else the EMA weights kept in the checkpoint (config.train.ema_decay)."""
     config = load_stage_config(workdir, stage)
     model = build_stage_model(config, stage)
     inputs = transformer_lib.dummy_inputs(model, 1, int(config.text.max_length))
     if int((config.get("lora") or {}).get("rank", 0)):
-        return _load_lora_stage(workdir, stage, config, model, inputs, step=step, use_ema=use_ema, sharding=sharding)
-    abstract = jax.eval_shape(lambda: nn.unbox(transformer_lib.init_params(model, jax.random.key(0), inputs)))
+        return _load_lora_stage(workdir, stage, config, model, inputs, step=step, use_ema=use_ema, mesh=mesh,
+                                rules=rules, sharding=sharding)
+    boxed = jax.eval_shape(lambda: transformer_lib.init_params(model, jax.random.key(0), inputs))
+    abstract = nn.unbox(boxed)
     if sharding is None:
-        sharding = NamedSharding(jax.sharding.Mesh(jax.local_devices()[:1], ("data",)), PartitionSpec())
+        sharding = _first_device() if mesh is None else partitioning.state_shardings(boxed, mesh, rules)
     shardings = jax.tree_util.tree_map(lambda _: sharding, abstract) if isinstance(sharding, jax.sharding.Sharding) \
         else sharding
     target = ckpt_lib.abstract_with_shardings(abstract, shardings)
@@ -309,8 +326,8 @@ def read_init(workdir) -> dict | None:
     return _read_json(p) if p.is_file() else None
 
 
-def _load_lora_stage(workdir, stage: str, config, model, inputs, *, step, use_ema: bool, sharding):
-    """`load_stage_params` of a stage fine-tuned with LoRA: the adapters of W's checkpoint on top of the weights
+def _load_lora_stage(workdir, stage: str, config, model, inputs, *, step, use_ema: bool, mesh, rules, sharding):
+    """`load_stage` of a stage fine-tuned with LoRA: the adapters of W's checkpoint on top of the weights
     of the workdir W was started from (its checkpoint of the step recorded then), with the wrapped model."""
     from muse_jax.models import lora as lora_lib
 
@@ -322,7 +339,7 @@ def _load_lora_stage(workdir, stage: str, config, model, inputs, *, step, use_em
     boxed = jax.eval_shape(lambda: transformer_lib.init_params(wrapped, jax.random.key(0), inputs))
     adapters = nn.unbox(lora_lib.split(boxed)[1])
     if sharding is None:
-        sharding = NamedSharding(jax.sharding.Mesh(jax.local_devices()[:1], ("data",)), PartitionSpec())
+        sharding = _first_device() if mesh is None else partitioning.state_shardings(boxed, mesh, rules)
     if isinstance(sharding, jax.sharding.Sharding):
         base_sharding = adapter_shardings = sharding
     else:  # a tree for the whole wrapped model
@@ -341,5 +358,5 @@ def _load_lora_stage(workdir, stage: str, config, model, inputs, *, step, use_em
                                            step=step)
     except ckpt_lib.CheckpointError as e:
         raise FileNotFoundError(f"cannot load the {stage} stage's adapters from {workdir}: {e}") from None
-    _, base, _ = load_stage_params(record["workdir"], stage, step=int(record["stages"][stage]), sharding=base_sharding)
+    _, base, _ = load_stage(record["workdir"], stage, step=int(record["stages"][stage]), sharding=base_sharding)
     return wrapped, lora_lib.combine(base, tree[field]), config

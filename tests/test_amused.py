@@ -248,7 +248,7 @@ import sys
 sys.path.insert(0, "tests")
 import numpy as np
 from muse_jax import cascade
-from muse_jax.training import partitioning
+from muse_jax import partitioning
 out = {{}}
 for name, axes in (("fsdp", dict(data=1, fsdp=8, tensor=1)), ("tp", dict(data=4, fsdp=1, tensor=2))):
     pipe = cascade.Pipeline.from_workdir({w!r}, mesh=partitioning.make_mesh(axes), batch_size=8,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from _multidevice import run_with_devices
 
+from muse_jax import checkpoint as ckpt_lib
 from muse_jax.data import loader, shapes
-from muse_jax.training import checkpoint as ckpt_lib
 
 
 def _state(seed):
@@ -95,7 +95,7 @@ def test_restore_onto_another_mesh(tmp_path):
         import json, sys
         import jax, jax.numpy as jnp, numpy as np, ml_collections
         from jax.sharding import NamedSharding, PartitionSpec as P
-        from muse_jax.training import checkpoint as C, partitioning as pt
+        from muse_jax import checkpoint as C, partitioning as pt
         mesh = pt.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
         w = jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(mesh, P("fsdp", "tensor")))
         b = jax.device_put(jnp.arange(8).astype(jnp.bfloat16), NamedSharding(mesh, P("tensor")))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_train import _data, _params, tiny_config
 
-from muse_jax.training import checkpoint as ckpt_lib
+from muse_jax import checkpoint as ckpt_lib
 from muse_jax.training import loop
 
 # The training loop turns on JAX's persistent compilation cache (config.train.compilation_cache_dir).

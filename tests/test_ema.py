@@ -57,7 +57,7 @@ def _assert_close(got, want):
 def _numpy_ema(w, steps, decay):
     out = None
     for s in steps:
-        p = _flat(workdir.load_stage_params(w, "base", step=s, use_ema=False)[1])
+        p = _flat(workdir.load_stage(w, "base", step=s, use_ema=False)[1])
         out = p if out is None else {k: decay * out[k] + (1 - decay) * p[k] for k in p}
     return out
 
@@ -77,13 +77,13 @@ def test_offline_ema_matches_numpy_and_sampling_loads_it(trained):
     with pytest.warns(UserWarning, match="offline EMA ends at step 4, the newest checkpoint is step 5"):
         stage = cascade.Stage.from_workdir(trained, "base")
     _assert_close(_flat(stage.params), want)
-    online = _flat(workdir.load_stage_params(trained, "base", step=5)[1])  # an explicit step: the checkpoint's
+    online = _flat(workdir.load_stage(trained, "base", step=5)[1])  # an explicit step: the checkpoint's
     assert not np.allclose(online["['decoder']['block_0']['mlp']['wi']['kernel']"],
                            want["['decoder']['block_0']['mlp']['wi']['kernel']"])
     # Without ema.json, the checkpoints again (the online EMA of the newest).
     shutil.move(trained / "base" / workdir.EMA_FILE, trained / "ema.json.away")
     try:
-        _assert_close(_flat(workdir.load_stage_params(trained, "base")[1]), online)
+        _assert_close(_flat(workdir.load_stage(trained, "base")[1]), online)
     finally:
         shutil.move(trained / "ema.json.away", trained / "base" / workdir.EMA_FILE)
 
@@ -93,7 +93,7 @@ def test_cli_and_clear_errors(trained, tmp_path, capsys):
     assert "steps [2, 4]" in capsys.readouterr().out
     assert workdir.ema_meta(trained, "base")["decay"] == 0.5
     with pytest.warns(UserWarning, match="offline EMA"):
-        _, params, _ = workdir.load_stage_params(trained, "base")
+        _, params, _ = workdir.load_stage(trained, "base")
     _assert_close(_flat(params), _numpy_ema(trained, [2, 4], 0.5))
 
     for args, message in ((["--decay", "1"], "strictly between 0 and 1"),

@@ -27,10 +27,15 @@ webdataset = pytest.importorskip("webdataset")
 
 import _amused_fixture as fixture  # noqa: E402
 
-from muse_jax import amused, cascade, cli  # noqa: E402
+from muse_jax import (  # noqa: E402
+    amused,
+    cascade,
+    cli,
+    partitioning,  # noqa: E402
+)
 from muse_jax import config as config_lib  # noqa: E402
 from muse_jax.models import uvit  # noqa: E402
-from muse_jax.training import finetune, loop, partitioning  # noqa: E402
+from muse_jax.training import finetune, loop  # noqa: E402
 
 CACHE = pathlib.Path(tempfile.gettempdir()) / f"muse_jax_test_xla_cache_{os.getuid()}"
 # (width, height) of the written images: landscape, portrait and square, all at least the 16 px images.

@@ -47,7 +47,8 @@ import jax, numpy as np
 from jax.experimental import multihost_utils
 from muse_jax import amused
 from muse_jax.data import clip_bpe, image_text, stage_data
-from muse_jax.training import finetune, loop, partitioning
+from muse_jax import partitioning
+from muse_jax.training import finetune, loop
 
 workdir, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 mesh, rules = partitioning.make_mesh(config.mesh), partitioning.logical_rules(config)

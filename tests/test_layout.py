@@ -16,12 +16,13 @@ LAYERS = (
     ("models", ("models",)),
     ("configs", ("config", "configs")),
     ("data", ("data",)),
-    # What the workdir loaders read and place: Orbax checkpoints on a mesh.
-    ("checkpoints and meshes", ("training.checkpoint", "training.partitioning", "training.writer")),
+    # What the loaders, the trainer and the evaluation read, place and log: Orbax checkpoints on a mesh.
+    ("checkpoints and meshes", ("checkpoint", "partitioning", "writer")),
     ("workdir", ("workdir", "amused")),
-    ("training", ("training",)),
     ("inference", ("editing", "cascade")),
     ("evaluation", ("evaluation",)),
+    # Inference and evaluation read trained workdirs and never import the trainer.
+    ("training", ("training",)),
     ("entry points", ("planning", "quickstart", "cli")),
 )
 
@@ -99,5 +100,6 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     bad.write_text("def f():\n    from muse_jax.cli import main\n    from muse_jax.training import loop\n")
     assert imports_of(bad) == [(2, "cli"), (3, "training.loop")]
     assert layer_of("cli") > layer_of("models.vqgan")
+    assert layer_of("training.loop") > max(layer_of("cascade"), layer_of("evaluation.zero_shot"))
     with pytest.raises(KeyError):
         layer_of("nowhere")

@@ -219,7 +219,7 @@ import jax
 import numpy as np
 from muse_jax.models import uvit
 from muse_jax.models import lora
-from muse_jax.training import partitioning
+from muse_jax import partitioning
 
 cfg = uvit.UVit2DConfig(hidden_size=32, block_out_channels=24, in_channels=16, num_res_blocks=0,
                         num_hidden_layers=2, num_attention_heads=4, block_num_heads=2, codebook_size=32,

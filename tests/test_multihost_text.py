@@ -148,7 +148,7 @@ def test_hparams_in_the_writers_event_file(tmp_path):
     from tensorboardX.proto import event_pb2
     from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
 
-    from muse_jax.training import writer as writer_lib
+    from muse_jax import writer as writer_lib
 
     logdir = tmp_path / "tb"
     with writer_lib.MetricWriter(logdir, console=False) as writer:

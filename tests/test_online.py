@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from muse_jax import config as config_lib
-from muse_jax import image_ops
+from muse_jax import image_ops, partitioning
 from muse_jax import workdir as workdir_lib
 from muse_jax.models import vqgan
-from muse_jax.training import online, partitioning
+from muse_jax.training import online
 
 TINY_VQGAN = dict(channels=(8, 8, 8), num_res_blocks=1, latent_channels=8, code_dim=8, codebook_size=64,
                   norm_groups=4)
@@ -116,7 +116,8 @@ import jax
 import numpy as np
 from test_online import _config, _tokenizer
 from muse_jax.models import t5
-from muse_jax.training import online, partitioning
+from muse_jax import partitioning
+from muse_jax.training import online
 
 cfg = _config()
 cfg.text.trainable = False

@@ -88,7 +88,7 @@ def test_adafactor_state_shards_momentum_like_params():
     import flax.linen as nn
     from jax.sharding import PartitionSpec as P
 
-    from muse_jax.training import partitioning
+    from muse_jax import partitioning
 
     boxed = {"dense": {"kernel": nn.Partitioned(jnp.ones((8, 6)), ("embed", "mlp")),
                        "bias": nn.Partitioned(jnp.ones((6,)), ("mlp",))}}

@@ -5,7 +5,7 @@ import ml_collections
 import pytest
 from _multidevice import run_with_devices
 
-from muse_jax.training import partitioning
+from muse_jax import partitioning
 
 
 def _mesh_cfg(**kw):
@@ -44,7 +44,7 @@ def test_meshes_shardings_and_batch_errors_on_8_devices():
         """
         import json
         import flax.linen as nn, jax, jax.numpy as jnp, ml_collections, numpy as np
-        from muse_jax.training import partitioning as pt
+        from muse_jax import partitioning as pt
 
         def cfg(d, f, t):
             return ml_collections.ConfigDict(dict(data=d, fsdp=f, tensor=t))

@@ -24,11 +24,11 @@ from fsspec.implementations.local import LocalFileSystem
 from orbax.checkpoint._src.path import gcs_utils
 from tensorboardX import record_writer
 
+from muse_jax import checkpoint as ckpt_lib
 from muse_jax import config as config_lib
 from muse_jax import paths
 from muse_jax import workdir as workdir_lib
 from muse_jax.cascade import Pipeline
-from muse_jax.training import checkpoint as ckpt_lib
 from muse_jax.training import loop, train_tokenizer
 
 WORKDIR = "gs://muse-test-bucket/runs/tiny"
@@ -187,7 +187,7 @@ def test_tokenizer_then_base_stage_train_and_resume_in_a_bucket(bucket):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     # Loading the trained stage back from the bucket (what samplers do).
-    model, params, config = workdir_lib.load_stage_params(WORKDIR, "base")
+    model, params, config = workdir_lib.load_stage(WORKDIR, "base")
     assert config.base.grid_size == 8 and model.mask_token_id == 64
     with pytest.warns(UserWarning, match="no trained superres stage"):
         pipe = Pipeline.from_workdir(WORKDIR)

@@ -129,7 +129,7 @@ def test_pipeline_sharded_over_data_axis():
     import json, sys
     sys.path.insert(0, "tests")
     import jax, ml_collections, numpy as np
-    from muse_jax.training import partitioning
+    from muse_jax import partitioning
     from test_sample_cli import toy_pipeline
     pipe = toy_pipeline(batch_size=8)
     if len(jax.devices()) > 1:

@@ -15,14 +15,14 @@ import pytest
 import tensorstore as ts
 from _multidevice import run_with_devices
 
-from muse_jax import cascade
+from muse_jax import cascade, partitioning
+from muse_jax import checkpoint as ckpt_lib
 from muse_jax import config as config_lib
 from muse_jax import workdir as workdir_lib
 from muse_jax.data import text
 from muse_jax.data.shapes import make_example
 from muse_jax.models import vqgan
-from muse_jax.training import checkpoint as ckpt_lib
-from muse_jax.training import loop, partitioning
+from muse_jax.training import loop
 from muse_jax.training import state as state_lib
 
 OVERRIDES = [
@@ -166,7 +166,7 @@ def test_pipeline_loads_the_checkpoints_it_is_asked_for(tmp_path):
     ckpt.save(4, _random(states["base"], 7), force=True)
     ckpt.close()
     leaves = lambda tree: [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]  # noqa: E731
-    step = {s: leaves(workdir_lib.load_stage_params(w, "base", step=s)[1]) for s in (2, 4)}
+    step = {s: leaves(workdir_lib.load_stage(w, "base", step=s)[1]) for s in (2, 4)}
     assert any((a != b).any() for a, b in zip(step[2], step[4]))
     newest, older = cascade.Pipeline.from_workdir(w), cascade.Pipeline.from_workdir(w, steps={"base": 2})
     for got, want in ((newest.base.params, step[4]), (older.base.params, step[2]),
@@ -186,7 +186,7 @@ def test_sampling_reads_a_newest_checkpoint_without_metadata_and_falls_back_from
     ckpt.save(4, _random(states["base"], 7), force=True)
     ckpt.close()
     leaves = lambda tree: [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]  # noqa: E731
-    want = {s: leaves(workdir_lib.load_stage_params(w, "base", step=s)[1]) for s in (2, 4)}
+    want = {s: leaves(workdir_lib.load_stage(w, "base", step=s)[1]) for s in (2, 4)}
     state4 = workdir_lib.checkpoint_dir(w, "base") / "4" / "state"
     (state4 / "_METADATA").unlink()
     for a, b in zip(leaves(cascade.Pipeline.from_workdir(w).base.params), want[4], strict=True):

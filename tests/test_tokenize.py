@@ -13,13 +13,13 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from muse_jax import cli
+from muse_jax import checkpoint as ckpt_lib
+from muse_jax import cli, partitioning
 from muse_jax import config as config_lib
 from muse_jax import workdir as workdir_lib
 from muse_jax.data import image_text, token_shards
 from muse_jax.models import t5, vqgan
-from muse_jax.training import checkpoint as ckpt_lib
-from muse_jax.training import loop, online, partitioning, tokenize
+from muse_jax.training import inputs, loop, online, tokenize
 
 webdataset = pytest.importorskip("webdataset")
 pytestmark = [
@@ -180,7 +180,7 @@ def test_two_processes_write_disjoint_shares_that_cover_the_split(setup, tmp_pat
 def test_a_stage_trains_and_resumes_on_the_tokens(setup):
     cfg, w = setup
     cfg = config_lib.load_config("smoke", TOKENS)
-    data = loop.workdir_stage_data(cfg, w, "superres")  # the super-res stage's batches: tokens and low-res tokens
+    data = inputs.build(cfg, w, "superres")  # the super-res stage's batches: tokens and low-res tokens
     assert data.prepare is None and data.preview["lowres_tokens"].shape == (4, 16)
     batch = next(data.batches(4))
     assert {k: v.shape for k, v in batch.items()} == {"tokens": (4, 64), "lowres_tokens": (4, 16), "text_ids": (4, 8),
@@ -191,7 +191,7 @@ def test_a_stage_trains_and_resumes_on_the_tokens(setup):
     rest = loop.train_stage(cfg, w, "base", quiet=True)  # resumes the model and the token stream
     assert sorted(first["losses"]) == [1] and sorted(rest["losses"]) == [2]
     assert all(np.isfinite(v) for v in [*first["losses"].values(), *rest["losses"].values()])
-    it = loop.workdir_stage_data(cfg, w, "base").batches(8)
+    it = inputs.build(cfg, w, "base").batches(8)
     next(it)
     state = it.get_state()
     again = next(it)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from _multidevice import run_with_devices
 
+from muse_jax import checkpoint as ckpt_lib
 from muse_jax import workdir
 from muse_jax.config import load_config
 from muse_jax.data import stage_data
-from muse_jax.training import checkpoint as ckpt_lib
 from muse_jax.training import loop
 
 TINY = [
@@ -68,7 +68,7 @@ def test_superres_warm_starts_from_the_trained_base(tmp_path):
     grids = ("--config.base.grid_size=2",)  # the base makes the super-res stage's 2x2 low-res grid
     cfg = tiny_config("--config.train.num_steps=3", "--config.train_superres.num_steps=3", *grids)
     loop.train_stage(cfg, tmp_path, "base", data=_data(cfg), quiet=True)
-    _, base, _ = workdir.load_stage_params(tmp_path, "base")
+    _, base, _ = workdir.load_stage(tmp_path, "base")
     cold = loop.train_stage(cfg, tmp_path / "cold", "superres", data=_data(cfg, "superres"), stop_at=0, quiet=True)
     warm_cfg = tiny_config("--config.train.num_steps=3", "--config.train_superres.num_steps=3",
                            "--config.train_superres.init_from=base", *grids)
@@ -136,12 +136,12 @@ def test_resume_equals_uninterrupted_and_corrupt_newest_falls_back(tmp_path):
         np.testing.assert_array_equal(a, b)
 
     # The workdir loader reads the trained parameters (nothing else); a workdir without them is a clear error.
-    model, params, config = workdir.load_stage_params(tmp_path / "full", "base")
+    model, params, config = workdir.load_stage(tmp_path / "full", "base")
     assert model.mask_token_id == 64 and config.base.width == 32
     for a, b in zip(jax.tree.leaves(params), _params(full)):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(FileNotFoundError, match="no trained superres stage"):
-        workdir.load_stage_params(tmp_path / "full", "superres")
+        workdir.load_stage(tmp_path / "full", "superres")
 
 
 def _trigger(monkeypatch, at_step, action):
@@ -250,7 +250,7 @@ def test_a_refused_train_leaves_a_trained_stage_as_it_was(tmp_path):
         with pytest.raises((ValueError, RuntimeError, ckpt_lib.CheckpointError), match=cause):
             loop.train_stage(bad, tmp_path, "base", data=_data(bad), quiet=True)
         assert _tree_bytes(tmp_path / "base") == before, extra
-    model, params, _ = workdir.load_stage_params(tmp_path, "base")  # real arrays, the trained architecture
+    model, params, _ = workdir.load_stage(tmp_path, "base")  # real arrays, the trained architecture
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
 
 
@@ -297,8 +297,8 @@ def test_lora_on_a_muse_stage_trains_adapters_over_the_source_weights(tmp_path):
     assert names and all(n.endswith(("_lora_a']", "_lora_b']")) for n in names)
     assert _tree_bytes(tmp_path / "W0") == before
 
-    model, params, config = workdir.load_stage_params(tmp_path / "W", "base")
-    plain, base, _ = workdir.load_stage_params(tmp_path / "W0", "base")
+    model, params, config = workdir.load_stage(tmp_path / "W", "base")
+    plain, base, _ = workdir.load_stage(tmp_path / "W0", "base")
     batch = {k: v[:4] for k, v in _data(cfg).source.arrays.items()}
     with jax.default_matmul_precision("highest"):
         on_top = np.asarray(transformer_lib.apply(model, params, batch))

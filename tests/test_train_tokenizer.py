@@ -188,7 +188,7 @@ def test_loss_falls_and_sharded_step_matches_one_device():
         from muse_jax import config as config_lib
         from muse_jax.data import shapes
         from muse_jax.models import vqgan
-        from muse_jax.training import partitioning
+        from muse_jax import partitioning
         from muse_jax.training import tokenizer_step as tokenizer_lib
         cfg = config_lib.load_config("shapes", {TINY!r} + ["--config.train_tokenizer.batch_size=8",
                                                        "--config.train_tokenizer.lr=3e-3"])

@@ -136,7 +136,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from muse_jax.models import uvit
-from muse_jax.training import partitioning
+from muse_jax import partitioning
 
 # Widths divisible by fsdp=8 and tensor=2; batch 8 divides both meshes' batch axes.
 cfg = uvit.UVit2DConfig(hidden_size=32, block_out_channels=24, in_channels=16, num_res_blocks=1,

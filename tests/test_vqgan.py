@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from muse_jax import partitioning
 from muse_jax.models import discriminator, vqgan
 from muse_jax.models import vqgan_losses as losses
-from muse_jax.training import partitioning
 
 
 def _cfg(levels=3, **kw):

@@ -8,6 +8,9 @@
   t5:PRESET         a frozen pretrained T5 `text` section (not a whole config)
   data:SOURCE       a real image-text `data` section (not a whole config)
 
+common.py is what shapes, smoke, paper and vqgan start from (every section at the paper's settings);
+it is not a config of its own.
+
 `NAMES` also lets a variant be named alone (`muse_3b` = `paper:muse_3b`).
 """
 

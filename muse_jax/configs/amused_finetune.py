@@ -15,7 +15,7 @@ across several, `config.mesh.fsdp`. `muse-jax plan` prints the memory each setti
 """
 import ml_collections
 
-from muse_jax.configs import data, shapes
+from muse_jax.configs import common, data
 
 VARIANTS = ("256", "512", "256_lora", "512_lora")
 
@@ -26,7 +26,7 @@ def get_config(arg=None):
         raise ValueError(f"amused_finetune variant {arg!r}: expected one of {VARIANTS}")
     resolution = int(arg.split("_")[0])
     lora = arg.endswith("_lora")
-    base = shapes.get_config()  # for the sections every run shares: mesh, partitioning, distributed
+    base = common.get_config()  # for the sections every run shares: mesh, partitioning, distributed
     config = ml_collections.ConfigDict()
     config.name = f"amused_{arg}_finetune" if not lora else f"amused_{arg}"
     config.family = "amused"

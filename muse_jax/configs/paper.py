@@ -1,7 +1,7 @@
 """The paper's transformers (Muse sections 2.3, 2.4, 4): `get_config("muse_632m" | "muse_3b" | "superres_268m")`.
 
-Each is the shapes config's sections with one stage (`base` or `superres`) sized as below and
-the paper's common settings: 8192 codes from an f16 VQGAN (base) and an f8 VQGAN (super-res),
+Each is muse_jax/configs/common.py's sections with one stage (`base` or `superres`) sized as below
+and the paper's common settings: 8192 codes from an f16 VQGAN (base) and an f8 VQGAN (super-res),
 frozen T5-XXL text embeddings 4096 wide, dropout 0.1, bf16 compute with remat, and the paper's
 training (batch 512, Adafactor, 1M steps, lr 1e-4, 5000 warm-up steps). Nothing is cached: the
 batches hold streamed images and caption ids, and the frozen VQGAN(s) and the frozen T5-XXL
@@ -24,7 +24,7 @@ superres_268m: 16 low-res encoder layers + 32 high-res layers at width 1024, MLP
 """
 import ml_collections
 
-from muse_jax.configs import data, shapes, t5, vqgan
+from muse_jax.configs import common, vqgan
 
 SIZES = {
     "muse_632m": ("base", dict(grid_size=16, num_layers=16, width=1536, mlp_dim=6144, num_heads=24)),
@@ -38,43 +38,16 @@ def get_config(arg=None):
     if arg not in SIZES:
         raise ValueError(f"paper config variant {arg!r}: expected one of {sorted(SIZES)}")
     stage, sizes = SIZES[arg]
-    config = shapes.get_config()
+    config = common.get_config()
     config.name = arg
-    s = config[stage]
-    s.codebook_size = 8192
-    s.text_dim = 4096  # T5-XXL
-    s.dropout_rate = 0.1
-    s.dtype = "bfloat16"
-    s.remat = True
-    for name, value in sizes.items():
-        s[name] = value
-    config.text = t5.get_config("t5-v1_1-xxl")  # frozen; needs config.text.checkpoint (and spm_model)
+    config[stage].update(sizes)
     # Real image-text data (webdataset shards by default; config.data.train_files must be given) and a
     # tokenizer per stage: f16 at 256 px for the base (16x16 tokens), f8 at 512 px for super-res
     # (64x64 tokens), each trained by `muse-jax train-tokenizer --tokenizer base|superres` (or
     # converted from diffusers weights) into W/tokenizer/<name>; tokens are computed in the train step.
-    config.data = data.get_config("webdataset")
     config.data.image_size = 512 if stage == "superres" else 256
     config.tokenizers = ml_collections.ConfigDict({"base": vqgan.tokenizer_section("f16"),
                                                    "superres": vqgan.tokenizer_section("f8")})
-    for name in ("base", "superres"):
-        config[name].tokenizer = name
-        config[name].codebook_size = 8192
-    config.base.grid_size = 16  # the super-res stage's low-res tokens are the base stage's
-    # Decoding (Muse 2.7, 2.8): 24 base steps for 256 tokens, 8 super-res steps for 4096, the guidance
-    # scale ramped up linearly over the steps (its value is a quality/diversity choice: sweep it).
-    config.sample.steps = 24
-    config.sample.sr_steps = 8
-    config.sample.guidance_schedule = "linear"
-    if stage == "superres":  # 4096 tokens: the full attention matrix would be ~1 GiB per example and layer
-        s.attention = "blockwise"
-    config.train.batch_size = 512
-    config.train.optimizer = "adafactor"
-    config.train.num_steps = 1_000_000
-    config.train.lr = 1e-4
-    config.train.warmup_steps = 5000
-    # The shapes default's per-stage overrides (small super-res batches, a super-res stage started
-    # from the trained base) do not apply: the paper trains each stage from scratch at these settings.
-    config.train_base = ml_collections.ConfigDict()
-    config.train_superres = ml_collections.ConfigDict()
+    config.base.tokenizer = "base"
+    config.superres.tokenizer = "superres"
     return config

@@ -14,7 +14,7 @@ small T5 trained jointly (no pretrained T5 can be downloaded here); with a T5 ch
 """
 import ml_collections
 
-from muse_jax.configs import data, shapes
+from muse_jax.configs import common, shapes
 
 
 def _tokenizer(image_size: int) -> ml_collections.ConfigDict:
@@ -26,33 +26,31 @@ def _tokenizer(image_size: int) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
     del arg
-    config = shapes.get_config()
+    config = common.get_config()
     config.name = "smoke"
-    config.data = data.get_config("webdataset")
     config.data.image_size = 128  # the super-res stage's pixels; the base stage area-downsamples to 64
     # data.get_config's skips hold here too: min_size follows image_size (64 px), max_aspect_ratio 3.
     config.data.shuffle_buffer = 64
 
-    config.vqgan.codebook_size = 512
+    # The shapes tokenizer and T5 sizes, an f8 tokenizer per stage.
+    config.vqgan = shapes.vqgan_section()
     config.tokenizers = ml_collections.ConfigDict({"base": _tokenizer(64), "superres": _tokenizer(128)})
     t = config.train_tokenizer
+    t.update(shapes.TOKENIZER_TRAINING)
     t.num_steps, t.warmup_steps, t.log_every, t.checkpoint_every = 200, 20, 20, 100
     t.eval_batch_size, t.eval_max_batches = 16, 4
-
-    config.base.update(dict(grid_size=8, codebook_size=512, num_layers=2, width=64, mlp_dim=256, num_heads=2,
-                            text_dim=64, tokenizer="base"))
-    config.superres.update(dict(grid_size=16, lowres_grid_size=8, codebook_size=512, num_layers=2, width=64,
-                                mlp_dim=256, num_heads=2, text_dim=64, num_lowres_layers=1, tokenizer="superres"))
+    config.text = shapes.text_section()
     config.text.encoder.update(dict(d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4))
 
-    t = config.train
-    t.optimizer = "adafactor"  # as the paper configs
+    small = dict(shapes.SMALL_STAGE, num_layers=2, width=64, mlp_dim=256, num_heads=2, text_dim=64)
+    config.base.update(dict(small, grid_size=8, tokenizer="base"))
+    config.superres.update(dict(small, grid_size=16, lowres_grid_size=8, num_lowres_layers=1, tokenizer="superres"))
+
+    t = config.train  # Adafactor, each stage from scratch, as the paper configs
     t.num_steps, t.batch_size, t.lr, t.warmup_steps = 200, 8, 1e-3, 20
     t.log_every, t.checkpoint_every, t.sample_every, t.num_samples = 20, 100, 0, 4
-    config.train_base = ml_collections.ConfigDict()
-    config.train_superres = ml_collections.ConfigDict()  # from scratch, as the paper trains each stage
 
     s = config.sample
-    s.guidance, s.guidance_schedule = 2.0, "linear"
+    s.steps, s.guidance, s.guidance_schedule = 12, 2.0, "linear"
     s.batch_size = 4
     return config

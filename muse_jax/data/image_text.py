@@ -45,7 +45,7 @@ import numpy as np
 from muse_jax import paths
 from muse_jax.configs import data as data_config
 from muse_jax.data import files as files_lib
-from muse_jax.data import preprocess
+from muse_jax.data import preprocess, sources
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def make_dataset(data_config, split: str, *, image_size: int | None = None, seed
     the split (the eval split's order; webdataset: no shuffle buffer), for jobs that read a split
     once, such as `muse-jax data tokenize`.
     """
-    if data_config.get("name") == "shapes":
+    if sources.is_shapes(data_config):
         raise ValueError("config.data.name='shapes' is read by muse_jax.data.sources.make_source, not image_text")
     if "source" not in data_config:
         raise ValueError("config.data.source: missing (start from muse_jax/configs/data.py)")

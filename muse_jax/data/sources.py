@@ -64,13 +64,19 @@ class ArraySource:
         return f"ArraySource({fields})"
 
 
+def is_shapes(data_config) -> bool:
+    """The embedded shapes dataset (`config.data.name == "shapes"`, read by `make_source`), else real
+    image-text data (muse_jax/configs/data.py, read by muse_jax/data/image_text.py)."""
+    return data_config.get("name") == "shapes"
+
+
 def make_source(data_config, split: str, data_dir: str | pathlib.Path | None = None):
     """The random-access source of `split` described by `config.data` (canonical examples).
 
     `source="tfds"` builds the array_record dataset under `data_dir` once and reads it;
     `source="procedural"` renders examples on the fly. Both give identical examples.
     """
-    if data_config.name != "shapes":
+    if not is_shapes(data_config):
         raise ValueError(f"unknown dataset {data_config.name!r}; this build knows 'shapes'")
     num = {"train": data_config.num_train, "test": data_config.num_test}.get(split)
     if num is None:

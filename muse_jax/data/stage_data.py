@@ -11,29 +11,43 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 
 from muse_jax.data.sources import ArraySource
+from muse_jax.models import vqgan
 
 log = logging.getLogger(__name__)
+
+
+class InStepInputs(Protocol):
+    """Computes a streamed batch's model inputs inside the jitted step: `fn(frozen, batch)`, with the
+    frozen models' parameters `frozen` placed on `shardings` (training/online.py's `Prepare`: the
+    stages' VQGAN encoders, a frozen T5 or CLIP)."""
+
+    fn: Callable[[Any, dict], dict]
+    frozen: Any
+    shardings: Any
+    image_size: int  # pixels of the images the batch must hold
 
 
 @dataclasses.dataclass
 class StageData:
     """What a stage trains on: a random-access source of token arrays (shapes, synthetic), or
-    `batches(local_batch_size)` streaming images and text ids whose tokens `prepare` (a
-    `training.online.Prepare`) computes inside the step; the empty prompt's text inputs, and a
-    few preview examples."""
+    `batches(local_batch_size)` streaming images and text ids whose tokens `prepare` computes inside
+    the step; the empty prompt's text inputs, and a few preview examples."""
 
     source: ArraySource | None
     empty_text: dict[str, np.ndarray]
     preview: dict[str, np.ndarray] | None = None
-    tokenizer: object = None  # the ImageTokenizer that decodes previews
+    tokenizer: vqgan.ImageTokenizer | None = None  # decodes previews
     prompts: list[str] | None = None
-    batches: object = None  # streaming: local batch size -> a checkpointable iterator of batches
+    # Streaming: local batch size -> a checkpointable iterator of batches (get_state / set_state).
+    batches: Callable[[int], Iterator[dict[str, np.ndarray]]] | None = None
     example: dict[str, np.ndarray] | None = None  # one example (shapes and dtypes); None: source[0]
-    prepare: object = None  # streaming: the in-step tokenizers (and frozen T5)
+    prepare: InStepInputs | None = None  # streaming: the in-step tokenizers (and frozen text encoder)
 
     def first_example(self) -> dict[str, np.ndarray]:
         return self.example if self.example is not None else self.source[0]

@@ -87,7 +87,7 @@ def evaluate(workdir, config, num: int, inception_variables=None) -> dict[str, A
     low_recons = _reconstruct(toks["base"], low)[1]
     result["psnr_lowres"] = float(np.mean(np.minimum(metrics.psnr(low, low_recons), 100.0)))
     result["base_image_size"] = base_px
-    if config.data.get("name") == "shapes":
+    if sources.is_shapes(config.data):
         captions = [ex["caption"] for ex in examples]
         result["alignment"] = {"full size": scene_alignment(recons, captions),
                                "base size": scene_alignment(low_recons, captions)}

@@ -325,7 +325,7 @@ def _local_mesh():
     """A data-parallel mesh over this process's devices: each process samples its own prompts."""
     import jax
 
-    from muse_jax.training import partitioning
+    from muse_jax import partitioning
 
     return partitioning.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
 

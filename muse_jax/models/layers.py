@@ -1,7 +1,7 @@
 """Shared building blocks: the one attention function, dtype names and the logical axis names.
 
 Logical axis names used on parameters and activations (mapped to mesh axes by the rules
-in the config, see `muse_jax/training/partitioning.py`):
+in the config, see `muse_jax/partitioning.py`):
   batch, length, kv_length   activations
   embed                      model width (and text width)
   heads, kv                  attention heads and per-head dimension

@@ -9,7 +9,7 @@ layers; those outputs, concatenated with the projected text embeddings, are the 
 memory of a high-resolution stack that predicts the masked high-resolution tokens.
 
 For samplers:
-    model, params = workdir.load_stage_params(W, "base")       # muse_jax.workdir
+    model, params = workdir.load_stage(W, "base")       # muse_jax.workdir
     emb, mask = ..., ...                                     # text embeddings [B, L, D], bool [B, L]
     if model.text_encoder_config is not None:                # a T5 trained jointly with the stage
         emb = model.apply({"params": params}, ids, mask, method=model.encode_text)
@@ -21,7 +21,7 @@ All attention goes through `muse_jax.models.layers.dot_product_attention` in hea
 [b, h, l, d] layout (queries, keys and values are projected by 2-D matmuls and transposed into
 it), computed as `config.attention` says ("xla"; "blockwise" for long sequences). Parameters
 carry logical axis names (`nn.with_logical_partitioning`) and key activations logical constraints;
-`muse_jax/training/partitioning.py` maps them to a mesh.
+`muse_jax/partitioning.py` maps them to a mesh.
 `dtype="bfloat16"` computes in bf16 with float32 parameters; `remat=True` rematerialises each
 block in the backward pass.
 """

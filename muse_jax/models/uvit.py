@@ -62,7 +62,7 @@ use_bias=True and norm `scale`s only with ln_elementwise_affine=True, as in diff
 Norm scales are (embed), biases follow their kernel's output names. A kernel whose input and output
 are both model widths names its input "mlp" (split by the tensor axis, like a row-parallel layer)
 and its output "embed" (split by fsdp), so data / FSDP / tensor meshes shard it as they shard the
-Muse transformer (`muse_jax/training/partitioning.py`).
+Muse transformer (`muse_jax/partitioning.py`).
 
     config, params = load_diffusers_dir("amused-256/transformer")    # nothing is downloaded
     logits = UVit2D(config).apply({"params": params}, tokens, text_states, pooled, micro_conds)

@@ -253,7 +253,7 @@ def _setup(config, mesh, accelerators, *, stage, batch_size, remat, text_length)
 
     import jax
 
-    from muse_jax.training import partitioning
+    from muse_jax import partitioning
 
     config = config.copy_and_resolve_references()
     if _is_amused(config) and stage != "base":
@@ -289,10 +289,11 @@ def _compile(s: _Setup) -> _Compiled:
     import jax
     import jax.numpy as jnp
 
+    from muse_jax import checkpoint as ckpt_lib
+    from muse_jax import partitioning
     from muse_jax import workdir as workdir_lib
     from muse_jax.models import transformer as transformer_lib
-    from muse_jax.training import checkpoint as ckpt_lib
-    from muse_jax.training import online, partitioning
+    from muse_jax.training import online
     from muse_jax.training import state as state_lib
     from muse_jax.training import step as step_lib
 
@@ -377,10 +378,11 @@ def _compile_amused(s: _Setup) -> _Compiled:
     import jax
     import jax.numpy as jnp
 
+    from muse_jax import checkpoint as ckpt_lib
+    from muse_jax import partitioning
     from muse_jax.models import clip, uvit
     from muse_jax.models import lora as lora_lib
-    from muse_jax.training import checkpoint as ckpt_lib
-    from muse_jax.training import finetune, partitioning
+    from muse_jax.training import finetune
     from muse_jax.training import state as state_lib
     from muse_jax.training import step as step_lib
 
@@ -432,7 +434,7 @@ def _compile_amused(s: _Setup) -> _Compiled:
 
 def _batch_shards(s: _Setup) -> int:
     """Devices the batch is split over (the product of the rules' batch axes)."""
-    from muse_jax.training import partitioning
+    from muse_jax import partitioning
 
     axes = partitioning._batch_axes(s.rules)  # noqa: SLF001 (the rules' batch axes)
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())

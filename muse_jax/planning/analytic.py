@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from muse_jax.data import sources
+
 
 def analytic_forward_flops(model_config, batch: int, text_length: int) -> float:
     """Matmul FLOPs (2 per multiply-add) of one forward pass of the masked transformer.
@@ -210,12 +212,12 @@ def _activations_by_attention(model_config, batch: int, text_length: int) -> dic
 
 
 def step_source(config) -> str:
-    """What the batches of `muse-jax train` hold for `config` (training/loop.py `workdir_stage_data`):
+    """What the batches of `muse-jax train` hold for `config` (training/inputs.py `build`):
     "images" (real data streamed: uint8 images and caption ids, tokenized in the step by the frozen
     VQGAN(s), with a frozen T5 there too), "tokens" (`config.data.source="tokens"`: tokens computed once,
     caption ids; a frozen T5 runs in the step) or "cache" (shapes: the token cache, and the frozen T5's
     embeddings cached once)."""
-    if config.data.get("name") == "shapes":
+    if sources.is_shapes(config.data):
         return "cache"
     return "tokens" if config.data.source == "tokens" else "images"
 

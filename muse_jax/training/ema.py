@@ -9,7 +9,7 @@ checkpoint's parameters at a time (never the optimizer state), and folded into
 
 on a mesh of all devices (FSDP, sharded by the training rules). The result is written as
 W/<stage>/ema/<last step> (an Orbax checkpoint of one field, `ema_params`), then W/<stage>/ema.json
-({"decay", "every", "steps"}). `workdir.load_stage_params` loads it before anything else, so
+({"decay", "every", "steps"}). `workdir.load_stage` loads it before anything else, so
 sampling, editing, evaluation and warm starts use it; deleting ema.json goes back to the checkpoints.
 
 Training keeps only the newest `config.train.keep_checkpoints`; `config.train.keep_every=5000`
@@ -22,11 +22,9 @@ from typing import Any
 
 import jax
 
-from muse_jax import paths
+from muse_jax import checkpoint as ckpt_lib
+from muse_jax import partitioning, paths
 from muse_jax import workdir as workdir_lib
-from muse_jax.training import checkpoint as ckpt_lib
-from muse_jax.training import partitioning
-from muse_jax.training import state as state_lib
 
 
 def ema_steps(workdir, stage: str, every: int) -> list[int]:
@@ -52,7 +50,7 @@ def run(workdir, stage: str, decay: float = 0.7, every: int = 5000) -> tuple[Any
     steps = ema_steps(workdir, stage, every)
     config = workdir_lib.load_stage_config(workdir, stage)
     mesh = partitioning.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    shardings = state_lib.stage_param_shardings(workdir, stage, mesh, partitioning.logical_rules(config))
+    shardings = workdir_lib.stage_param_shardings(workdir, stage, mesh, partitioning.logical_rules(config))
 
     def update(ema, params):
         return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
@@ -60,7 +58,7 @@ def run(workdir, stage: str, decay: float = 0.7, every: int = 5000) -> tuple[Any
     update = jax.jit(update, out_shardings=shardings, donate_argnums=0)
     ema = None
     for s in steps:  # one checkpoint's parameters at a time
-        _, params, _ = workdir_lib.load_stage_params(workdir, stage, step=s, use_ema=False, sharding=shardings)
+        _, params, _ = workdir_lib.load_stage(workdir, stage, step=s, use_ema=False, sharding=shardings)
         ema = params if ema is None else update(ema, params)
 
     # ema.json is written last: it marks a whole EMA (the loader reads nothing without it).

@@ -34,11 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from muse_jax import amused, distributed
+from muse_jax import checkpoint as ckpt_lib
 from muse_jax import workdir as workdir_lib
 from muse_jax.data import clip_bpe, image_text, stage_data
 from muse_jax.models import clip, uvit, vqgan
 from muse_jax.models import lora as lora_lib
-from muse_jax.training import checkpoint as ckpt_lib
 from muse_jax.training import online
 
 BASE_STEP = 0  # the imported weights' checkpoint
@@ -301,7 +301,7 @@ def frozen_weights(workdir, stage: str, shardings, dtype: str):
         return None
     src = record["workdir"]
     try:
-        _, params, _ = workdir_lib.load_stage_params(src, stage, step=int(record["stages"][stage]),
+        _, params, _ = workdir_lib.load_stage(src, stage, step=int(record["stages"][stage]),
                                                      sharding=shardings)
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"cannot start the {stage} stage from {src}: {e} (does the config's config.{stage} "

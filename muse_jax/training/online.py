@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from muse_jax import config as config_lib
+from muse_jax import partitioning
 from muse_jax import workdir as workdir_lib
 from muse_jax.models import t5, vqgan
-from muse_jax.training import partitioning
 
 
 def downsample_area_in_step(images: jax.Array, factor: int) -> jax.Array:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from muse_jax import image_ops, sampling
+from muse_jax import cascade, image_ops, sampling
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +22,13 @@ log = logging.getLogger(__name__)
 def sample_tokens(model, params, preview, rng, num_steps: int = 12) -> jax.Array:
     """The preview prompts decoded with the sampler (no guidance): int32 tokens [B, N]."""
     b = preview["tokens"].shape[0]
-    if model.text_encoder_config is not None:
-        emb = model.apply({"params": params}, preview["text_ids"], preview["text_mask"], method=model.encode_text)
-    else:
-        emb = preview["text_emb"]
-    extra = (preview["lowres_tokens"],) if model.config.is_superres else ()
+    text = {"ids": preview["text_ids"]} if model.text_encoder_config is not None else {"emb": preview["text_emb"]}
+    emb, mask = cascade.muse_text_embed(model, params, dict(text, mask=preview["text_mask"]))
+    lowres = preview["lowres_tokens"] if model.config.is_superres else None
 
     def logits_fn(tokens, step):
         del step
-        return model.apply({"params": params}, tokens, emb, preview["text_mask"], *extra)
+        return cascade.muse_logits(model, params, tokens, emb, mask, lowres)
 
     start = jnp.full((b, model.config.num_tokens), model.mask_token_id, jnp.int32)
     return sampling.decode(logits_fn, start, rng, mask_token_id=model.mask_token_id,

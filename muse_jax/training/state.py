@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from muse_jax import config as config_lib
+from muse_jax import partitioning
 from muse_jax import workdir as workdir_lib
-from muse_jax.models import transformer as transformer_lib
 from muse_jax.training import optimizer as optimizer_lib
-from muse_jax.training import partitioning, stage_model
+from muse_jax.training import stage_model
 from muse_jax.training import step as step_lib
 
 
@@ -91,15 +91,6 @@ def warm_start_params(params, source) -> tuple[Any, list[str]]:
     return jax.tree_util.tree_map_with_path(take, params), copied
 
 
-def stage_param_shardings(workdir, stage: str, mesh, rules):
-    """The shardings of trained `stage`'s parameters on `mesh`, from the logical axis names of its model."""
-    config = workdir_lib.load_stage_config(workdir, stage)
-    model = workdir_lib.build_stage_model(config, stage)
-    inputs = abstract_inputs(model, config)
-    boxed = jax.eval_shape(lambda: transformer_lib.init_params(model, jax.random.key(0), inputs))
-    return partitioning.state_shardings(boxed, mesh, rules)
-
-
 def replace_params(state, shardings, params):
     """`state` starting from `params` (fresh optimizer state; the EMA, where kept, starts from them too), each
     a buffer of its own on `shardings` (the step donates params and EMA params)."""
@@ -116,8 +107,7 @@ def warm_start(state, shardings, workdir, stage: str, source_stage: str, mesh, r
     if source_stage == stage or source_stage not in config_lib.STAGES:
         raise ValueError(f"config.train.init_from={source_stage!r}: expected another stage, one of "
                          f"{[s for s in config_lib.STAGES if s != stage]} (or '' for a random init)")
-    source_sharding = stage_param_shardings(workdir, source_stage, mesh, rules)
-    _, source, _ = workdir_lib.load_stage_params(workdir, source_stage, sharding=source_sharding)
+    _, source, _ = workdir_lib.load_stage(workdir, source_stage, mesh=mesh, rules=rules)
     params, copied = warm_start_params(state.params, source)
     if not copied:
         raise ValueError(f"config.train.init_from={source_stage!r}: no parameter of {stage} matches {source_stage}'s")

@@ -23,9 +23,9 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from muse_jax import masking, precision
+from muse_jax import masking, partitioning, precision
 from muse_jax.training import optimizer as optimizer_lib
-from muse_jax.training import partitioning, stage_model
+from muse_jax.training import stage_model
 
 
 class TrainState(flax.struct.PyTreeNode):

@@ -27,8 +27,8 @@ import numpy as np
 
 from muse_jax import distributed, image_ops, paths
 from muse_jax import workdir as workdir_lib
+from muse_jax import writer as writer_lib
 from muse_jax.data import image_text, token_shards
-from muse_jax.training import writer as writer_lib
 
 log = logging.getLogger(__name__)
 

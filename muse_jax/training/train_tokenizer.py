@@ -15,18 +15,17 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from muse_jax import amused, distributed, image_ops
+from muse_jax import amused, distributed, image_ops, partitioning
+from muse_jax import checkpoint as ckpt_lib
 from muse_jax import config as config_lib
 from muse_jax import workdir as workdir_lib
+from muse_jax import writer as writer_lib
 from muse_jax.data import image_text, shapes, sources
 from muse_jax.data import loader as loader_lib
 from muse_jax.models import vqgan
 from muse_jax.models import vqgan_losses as losses
-from muse_jax.training import checkpoint as ckpt_lib
 from muse_jax.training import lock as lock_lib
-from muse_jax.training import partitioning
 from muse_jax.training import tokenizer_step as tokenizer_lib
-from muse_jax.training import writer as writer_lib
 
 # ---------------------------------------------------------------------------------------
 # Evaluation: PSNR of uint8 reconstructions, codebook usage, palette fidelity
@@ -97,10 +96,6 @@ def evaluate(tokenizer: vqgan.ImageTokenizer, loader, max_batches: int | None = 
 # ---------------------------------------------------------------------------------------
 
 
-def _is_shapes(config) -> bool:
-    return config.data.get("name") == "shapes"
-
-
 def shapes_scale(config, workdir, image_size: int) -> int:
     """How much the shapes images are area-downsampled to `image_size` (1: used as they are)."""
     size = sources.make_source(config.data, "test", workdir_lib.data_dir(workdir))[0]["image"].shape[0]
@@ -113,7 +108,7 @@ def shapes_scale(config, workdir, image_size: int) -> int:
 def train_batches(config, workdir, image_size: int, batch_size: int):
     """This process's training batches (a checkpointable iterator); shapes images come at their own size
     (the loop downsamples them, `shapes_scale`), real images at `image_size`."""
-    if _is_shapes(config):
+    if sources.is_shapes(config.data):
         source = sources.make_source(config.data, "train", workdir_lib.data_dir(workdir))
         return iter(loader_lib.make_loader(source, batch_size=batch_size, seed=config.data.shuffle_seed))
     return image_text.Batches(image_text.make_dataset(config.data, "train", image_size=image_size), batch_size)
@@ -121,7 +116,7 @@ def train_batches(config, workdir, image_size: int, batch_size: int):
 
 def eval_batches(config, workdir, image_size: int, batch_size: int):
     """The test split in batches for the final evaluation; None for real data without eval files."""
-    if _is_shapes(config):
+    if sources.is_shapes(config.data):
         source = sources.make_source(config.data, "test", workdir_lib.data_dir(workdir))
         loader = loader_lib.make_loader(source, batch_size=batch_size, shuffle=False, num_epochs=1, drop_remainder=False)
         scale = shapes_scale(config, workdir, image_size)
@@ -175,7 +170,7 @@ def _train_locked(config, workdir, tok_dir, *, name: str, num_steps: int | None,
     partitioning.check_batch_divides(tcfg.batch_size, mesh, rules)
     local_batch = loader_lib.per_process_batch_size(tcfg.batch_size)
     it = train_batches(config, workdir, image_size, local_batch)
-    scale = shapes_scale(config, workdir, image_size) if _is_shapes(config) else 1
+    scale = shapes_scale(config, workdir, image_size) if sources.is_shapes(config.data) else 1
 
     # State, sharded by the logical-axis rules.
     model, disc, tx, dtx, create_state = tokenizer_lib.build(vcfg, tcfg, image_size)
