@@ -15,12 +15,15 @@ def _data_config(source, num_train=96, num_test=16):
 
 @pytest.fixture(scope="module")
 def tfds_train(tmp_path_factory):
-    return sources.make_source(_data_config("tfds"), "train", tmp_path_factory.mktemp("data"))
+    return sources.make_source(_data_config("array_record"), "train", tmp_path_factory.mktemp("data"))
 
 
-def test_tfds_and_procedural_sources_give_the_same_examples(tfds_train):
+def test_tfds_and_procedural_sources_give_the_same_examples(tfds_train, tmp_path):
     proc = sources.make_source(_data_config("procedural"), "train")
     assert len(tfds_train) == len(proc) == 96
+    # "tfds", the built dataset's earlier name (in older workdirs' configs), reads the same dataset
+    old = sources.make_source(_data_config("tfds"), "train", tmp_path)
+    assert len(old) == 96 and old[17]["caption"] == proc[17]["caption"]
     for i in (0, 1, 17, 95):
         a, b = tfds_train[i], proc[i]
         assert isinstance(a["caption"], str) and a["image"].dtype == np.uint8  # canonical examples
@@ -83,7 +86,7 @@ def test_batch_sizes_must_divide_over_processes():
 
 
 def test_bad_data_config_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown data source"):
+    with pytest.raises(ValueError, match="unknown shapes source 'parquet'; expected 'array_record' or 'procedural'"):
         sources.make_source(_data_config("parquet"), "train", tmp_path)
     with pytest.raises(ValueError, match="unknown split"):
         sources.make_source(_data_config("procedural"), "validation")

@@ -41,9 +41,9 @@ def get_config(arg=None):
     config.data.seed = 0  # dataset seed: examples are a function of (seed, split, index)
     config.data.num_train = 10_000
     config.data.num_test = 1_000
-    # "tfds": build once with tfds (array_record) and read with grain;
+    # "array_record": built once (tfds's builder, array_record files) and read with grain;
     # "procedural": render on the fly (same examples for the same indices).
-    config.data.source = "tfds"
+    config.data.source = "array_record"
     config.data.batch_size = 32
     config.data.shuffle_seed = 0
 

@@ -21,8 +21,8 @@ An empty image_key / caption_key means the common layout of the source, so that 
 `config.data.source` alone on the command line works. `aesthetic_key` names the aesthetic score
 of each record in any source: a parquet column, a field of webdataset's .json or of captions.jsonl
 lines, a tfds feature ("" = none: every score is NaN, as is a missing or non-numeric one).
-The shapes dataset (`config.data.name == "shapes"`, whose `source="tfds"` means the built shapes
-dataset) is read by `sources.make_source` instead, and refused here.
+The shapes dataset (`config.data.name == "shapes"`) is read by `sources.make_source` instead, and
+refused here.
 
 Map-style sources (folder, parquet, tfds): each process reads its own disjoint share (record i of
 the folder or tfds split when i % process_count == process_index; parquet: every process_count-th

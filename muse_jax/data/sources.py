@@ -64,6 +64,9 @@ class ArraySource:
         return f"ArraySource({fields})"
 
 
+SHAPES_BUILT = ("array_record", "tfds")  # the shapes dataset built once; "tfds": its earlier name
+
+
 def is_shapes(data_config) -> bool:
     """The embedded shapes dataset (`config.data.name == "shapes"`, read by `make_source`), else real
     image-text data (muse_jax/configs/data.py, read by muse_jax/data/image_text.py)."""
@@ -73,8 +76,9 @@ def is_shapes(data_config) -> bool:
 def make_source(data_config, split: str, data_dir: str | pathlib.Path | None = None):
     """The random-access source of `split` described by `config.data` (canonical examples).
 
-    `source="tfds"` builds the array_record dataset under `data_dir` once and reads it;
-    `source="procedural"` renders examples on the fly. Both give identical examples.
+    `source="array_record"` builds the dataset (tfds's builder, array_record files) under `data_dir`
+    once and reads it; `source="procedural"` renders examples on the fly. Both give identical examples.
+    "tfds", the name workdirs made before kept for the first, reads as "array_record".
     """
     if not is_shapes(data_config):
         raise ValueError(f"unknown dataset {data_config.name!r}; this build knows 'shapes'")
@@ -83,11 +87,11 @@ def make_source(data_config, split: str, data_dir: str | pathlib.Path | None = N
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
     if data_config.source == "procedural":
         return CanonicalSource(shapes.ShapesSource(split, num, data_config.seed))
-    if data_config.source == "tfds":
+    if data_config.source in SHAPES_BUILT:
         if data_dir is None:
-            raise ValueError("source='tfds' needs a data_dir to build the dataset in")
+            raise ValueError(f"source={data_config.source!r} needs a data_dir to build the dataset in")
         from muse_jax.data import tfds_shapes  # tfds import is slow; only when used
 
         b = tfds_shapes.prepare(data_dir, data_config.num_train, data_config.num_test, data_config.seed)
         return CanonicalSource(b.as_data_source(split=split))
-    raise ValueError(f"unknown data source {data_config.source!r}; expected 'tfds' or 'procedural'")
+    raise ValueError(f"unknown shapes source {data_config.source!r}; expected 'array_record' or 'procedural'")
