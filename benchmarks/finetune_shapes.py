@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
@@ -99,28 +98,16 @@ def shapes_tokenizer(args, scratch: pathlib.Path) -> tuple[pathlib.Path, dict]:
     return ws, dict(json.loads(ev.read_text()) if ev.is_file() else {}, seconds=time.perf_counter() - t0)
 
 
-@contextlib.contextmanager
-def shapes_vocabulary(num_captions: int = 1000):
-    """The fixture's byte-level CLIP BPE with its merges learned from shapes train captions instead of its own
-    corpus: each caption word becomes one token, as common English words are in CLIP's real vocabulary."""
-    corpus, write = fixture.CORPUS, fixture.write_tokenizer_files
-    fixture.CORPUS = tuple(shapes.caption(shapes.sample_scene(0, "train", i)) for i in range(num_captions))
-    fixture.write_tokenizer_files = functools.partial(write, num_merges=200)  # ~100 cover every word
-    try:
-        yield
-    finally:
-        fixture.CORPUS, fixture.write_tokenizer_files = corpus, write
-
-
 def amused_workdir(args, ws: pathlib.Path, scratch: pathlib.Path, image_size: int) -> pathlib.Path:
     """A random aMUSEd of `--size` taking `image_size` px through WS's VQGAN (its grid and codebook), imported,
     with that VQGAN as W/tokenizer."""
     vq = workdir_lib.load_image_tokenizer(ws)
     levels = int(round(math.log2(vq.factor))) + 1  # the random VQModel only sets the factor: image_size / grid
     grid = image_size // vq.factor
-    sizes = dict(SIZES[args.size], codebook=vq.codebook_size, grid=grid, vq_channels=(8,) * levels, vq_latent=8)
-    with shapes_vocabulary() if args.vocab == "shapes" else contextlib.nullcontext():
-        fixture.write_pipeline(scratch / "src", sizes, downsample=grid >= 16, seed=args.seed)
+    sizes = dict(SIZES[args.size], **args.sizes, codebook=vq.codebook_size, grid=grid, vq_channels=(8,) * levels,
+                 vq_latent=8)
+    downsample = grid >= 16 if args.downsample == "auto" else args.downsample == "on"
+    fixture.write_pipeline(scratch / "src", sizes, downsample=downsample, seed=args.seed)
     w = scratch / "W"
     if cli.main(["import-amused", "--workdir", str(w), str(scratch / "src")]) != 0:
         raise SystemExit("import-amused failed")
@@ -159,18 +146,28 @@ def score(images, captions) -> dict:
 
 def sample(args, w: pathlib.Path, captions) -> np.ndarray:
     overrides = {} if args.guidance is None else {"guidance": args.guidance}
+    if args.scheduler == "muse":
+        overrides.update(scheduler="muse", strength=0.0, choice_temperature=4.5)
     pipe = cascade.Pipeline.from_workdir(w, batch_size=args.sample_batch,
                                          matmul_precision=common.jax_matmul_precision(args.matmul), **overrides)
     return np.asarray(pipe.generate(captions, seed=args.seed))
+
+
+def _sizes(text: str) -> dict[str, int]:
+    pairs = [kv.split("=") for kv in text.split(",") if kv]
+    if any(len(kv) != 2 or kv[0] not in fixture.TINY for kv in pairs):
+        raise argparse.ArgumentTypeError(f"expected KEY=INT,... with keys of {sorted(fixture.TINY)}, got {text!r}")
+    return {k: int(v) for k, v in pairs}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 epilog="--config.FIELD=VALUE arguments override the fine-tuning config")
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="the random UVit2D and CLIP text sizes")
-    p.add_argument("--vocab", choices=["shapes", "fixture"], default="shapes",
-                   help="the random CLIP's BPE merges: learned from shapes captions (a token per word), or the "
-                        "fixture's own (most caption words split into bytes)")
+    p.add_argument("--sizes", type=_sizes, default={}, metavar="KEY=INT,...",
+                   help="override the preset's sizes (tests/_amused_fixture.py's keys), e.g. layers=2,res_blocks=2")
+    p.add_argument("--downsample", choices=["auto", "on", "off"], default="auto",
+                   help="the transformer on the token grid halved by a stride-2 convolution (auto: for 16x16 or more)")
     p.add_argument("--tokenizer-from", help="a workdir whose W/tokenizer is a shapes VQGAN (else one is trained)")
     p.add_argument("--tokenizer-steps", type=int, default=1200, help="its training steps (shapes' default: 1200)")
     p.add_argument("--tokenizer-eval-images", type=int, default=300, help="test images it is evaluated on (PSNR)")
@@ -188,6 +185,8 @@ def main(argv=None):
     p.add_argument("--eval", type=int, default=64, help="test captions sampled and scored")
     p.add_argument("--sample-batch", type=int, default=16)
     p.add_argument("--guidance", type=float, default=None, help="sampling guidance (default: W's, aMUSEd's 9)")
+    p.add_argument("--scheduler", choices=["amused", "muse"], default="amused",
+                   help="sampling: aMUSEd's scheduler (W's default), or Muse's (choice temperature 4.5)")
     p.add_argument("--matmul", choices=common.MATMULS, default=None,
                    help="float32: float32 multiplies; default: the project's (bfloat16 on AMX CPUs)")
     p.add_argument("--seed", type=int, default=0, help="the random pipeline's and the sampling seed")
