@@ -12,6 +12,12 @@ original sizes become the micro-conditions. Memory options for one accelerator: 
 (compute), `config.train.param_dtype` and `config.train.optimizer_state_dtype` ("float32" or
 "bfloat16" each), `config.model.remat` (recompute each transformer layer in the backward pass);
 across several, `config.mesh.fsdp`. `muse-jax plan` prints the memory each setting needs.
+
+The embedded check (`python benchmarks/finetune_shapes.py`: a random small aMUSEd-shaped workdir with a
+shapes VQGAN, fine-tuned with this config at 64 px, `--steps 3000 --lr 2e-3 --warmup 100 --end-lr 0.1
+--config.train.ema_decay=0.999`) goes from noise to one object of the caption's colour on a plain
+background: colour right on 0.015 -> 0.225 of 200 shapes test captions, every attribute right on
+0 -> 0.025, in 3000 steps (14.6 min on a 2-core Intel Xeon with AMX; docs/results.md, 2026-12-06).
 """
 import ml_collections
 
