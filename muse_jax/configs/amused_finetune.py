@@ -55,7 +55,8 @@ def get_config(arg=None):
     config.model.clip = _clip()
     config.model.vqgan = _vqgan()
 
-    t = config.train = ml_collections.ConfigDict()
+    # common's training fields (the divergence guard, precision, checkpoints, ...) at diffusers' recipe.
+    t = config.train = base.train
     t.num_steps = 1000
     t.batch_size = 8  # global; must divide over the mesh's data*fsdp axes
     t.optimizer = "adamw"  # or "adafactor"
@@ -63,26 +64,14 @@ def get_config(arg=None):
     t.b1, t.b2, t.weight_decay = 0.9, 0.999, 0.01
     t.warmup_steps = 0
     t.end_lr_fraction = 1.0  # constant learning rate
-    t.grad_clip = 1.0
     t.label_smoothing = 0.0
-    t.mask_schedule = "cosine"
-    t.text_drop_rate = 0.1  # captions replaced by the empty prompt's CLIP states (keeps guidance working)
     t.aesthetic_score = 6.0  # the micro-condition of records without one (config.data.aesthetic_key)
     t.param_dtype = "float32"  # "bfloat16": half the parameter memory
     t.optimizer_state_dtype = ""  # "" = the parameters' dtype; "float32" / "bfloat16"
-    t.ema_decay = 0.0  # > 0 keeps EMA weights (sampling uses them)
-    t.init_from = ""
-    t.log_every = 50
     t.checkpoint_every = 250
     t.keep_checkpoints = 2  # besides checkpoint 0, the imported weights, which is always kept
-    t.keep_every = 0
-    t.divergence_loss_factor = 10.0
-    t.divergence_param_factor = 10.0
     t.sample_every = 0
     t.num_samples = 4
-    t.matmul_precision = "default"
-    t.peak_flops_per_device = 0.0
-    t.compilation_cache_dir = "{workdir}/cache/jax"
 
     config.lora = ml_collections.ConfigDict()
     config.lora.rank = 16 if lora else 0  # 0: full fine-tuning
