@@ -263,11 +263,16 @@ def build_stage_model(config, stage: str):
     return transformer_lib.build(config[stage], text_cfg)
 
 
-def stage_param_shardings(workdir, stage: str, mesh, rules):
-    """The shardings of trained `stage`'s parameters on `mesh`, from the logical axis names of its model."""
+def _stage_model(workdir, stage: str):
+    """(config, model, abstract inputs) of trained `stage`."""
     config = load_stage_config(workdir, stage)
     model = build_stage_model(config, stage)
-    inputs = transformer_lib.dummy_inputs(model, 1, int(config.text.max_length))
+    return config, model, transformer_lib.dummy_inputs(model, 1, int(config.text.max_length))
+
+
+def stage_param_shardings(workdir, stage: str, mesh, rules):
+    """The shardings of trained `stage`'s parameters on `mesh`, from the logical axis names of its model."""
+    _, model, inputs = _stage_model(workdir, stage)
     boxed = jax.eval_shape(lambda: transformer_lib.init_params(model, jax.random.key(0), inputs))
     return partitioning.state_shardings(boxed, mesh, rules)
 
@@ -283,9 +288,7 @@ def load_stage(workdir, stage: str, *, step: int | None = None, use_ema: bool = 
     `mesh` (under `rules`), or onto `sharding` (one sharding or a tree of them); default this process's
     first device. With `use_ema`: the offline EMA of `muse-jax ema` if there is one (and no `step` is
     asked for), else the EMA weights kept in the checkpoint (config.train.ema_decay)."""
-    config = load_stage_config(workdir, stage)
-    model = build_stage_model(config, stage)
-    inputs = transformer_lib.dummy_inputs(model, 1, int(config.text.max_length))
+    config, model, inputs = _stage_model(workdir, stage)
     if int((config.get("lora") or {}).get("rank", 0)):
         return _load_lora_stage(workdir, stage, config, model, inputs, step=step, use_ema=use_ema, mesh=mesh,
                                 rules=rules, sharding=sharding)

@@ -78,7 +78,7 @@ def make_source(data_config, split: str, data_dir: str | pathlib.Path | None = N
 
     `source="array_record"` builds the dataset (tfds's builder, array_record files) under `data_dir`
     once and reads it; `source="procedural"` renders examples on the fly. Both give identical examples.
-    "tfds", the name workdirs made before kept for the first, reads as "array_record".
+    "tfds", the older name of "array_record" (in older workdirs' configs), reads the same.
     """
     if not is_shapes(data_config):
         raise ValueError(f"unknown dataset {data_config.name!r}; this build knows 'shapes'")
